@@ -1,0 +1,41 @@
+# Quick start: `make test` (installs into .venv first when needed).
+# `make demo` arrives with the end-to-end issue; until then there is no demo target.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Stamp file: install reruns only when the dependency lists change.
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast bench constraints clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, from the pinned pair (torchvision must match torch exactly).
+	$(PIP) install --quiet -c constraints.txt torch torchvision
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/unet_step.py --preset tiny
+	$(PY) bench/unet_step.py --preset small
+
+# Re-pin constraints.txt to what is installed now (after a deliberate upgrade).
+constraints: install
+	{ echo "# Versions tested together (python 3.11, x86_64). Regenerate with: make constraints"; \
+	  $(PIP) freeze --exclude-editable | grep -v -E "^(latentforge|-e )"; } > constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
