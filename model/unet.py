@@ -157,7 +157,8 @@ class SpatialTransformer(nn.Module):
         for block in self.blocks:
             h = block(h, context, mask)
         h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
-        return h + x
+        # x first: the sum takes x's memory layout, so NCHW stays NCHW (convs then skip weight reorders)
+        return x + h
 
 
 class Downsample(nn.Module):
