@@ -29,8 +29,8 @@ test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install
-	$(PY) bench/unet_step.py --preset tiny
-	$(PY) bench/unet_step.py --preset small
+	$(PY) -m bench.unet_step --preset tiny
+	$(PY) -m bench.unet_step --preset small --batch 2 --steps 6
 
 # Re-pin constraints.txt to what is installed now (after a deliberate upgrade).
 constraints: install
