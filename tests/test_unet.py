@@ -111,17 +111,28 @@ def test_channels_last_matches_contiguous(micro_cfg):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_runs_under_torch_compile_without_graph_breaks(micro_cfg):
+def test_traces_as_one_graph_for_torch_compile(micro_cfg):
+    """fullgraph=True turns any graph break into an error; aot_eager also traces the backward."""
     model = UNet(micro_cfg)
     x, t, context = inputs(micro_cfg)
     mask = torch.ones(2, 77, dtype=torch.bool)
     ref = model(x, t, context, mask)
-    compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break is an error
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     out = compiled(x, t, context, mask)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     out.square().mean().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_runs_under_torch_compile_inductor(micro_cfg):
+    """The default backend generates and builds C++ kernels: ~1-2 min on 2 cores with a cold cache."""
+    model = UNet(micro_cfg).eval()
+    x, t, context = inputs(micro_cfg)
+    with torch.no_grad():
+        ref = model(x, t, context)
+        out = torch.compile(model, fullgraph=True)(x, t, context)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_save_and_load_pretrained_round_trip(micro_cfg, tmp_path):
