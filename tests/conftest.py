@@ -22,3 +22,18 @@ def micro_cfg() -> UNetConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the whole test session (started on first use, 2 CPUs, no dashboard)."""
+    import os
+
+    ray = pytest.importorskip("ray")
+    from pipelines.runtime import init_ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        pytest.fail("RAY_ADDRESS is set: tests start their own local Ray; unset it")
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()

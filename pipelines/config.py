@@ -1,0 +1,143 @@
+"""Typed job configs: nested frozen dataclasses, loaded from YAML plus dotted overrides.
+
+    cfg = parse_job_args(DownloadConfig, "Download image-caption pairs", argv)
+
+gives every job the same command line: `--config FILE.yaml`, `--set key.sub=value` (repeatable;
+values parsed as YAML scalars, so `--set filter.min_side=128` is an int), and `--print-config`.
+Unknown keys and wrong types are errors that name the dotted key. Configs travel to Ray workers
+as plain dicts (`to_dict`) and are rebuilt with `from_dict` on the worker's first line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a type hint (after YAML parsing), converting only losslessly."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not a valid {hint}")
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, prefix=key + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(cls: type[T], values: dict | None, prefix: str = "") -> T:
+    """Build dataclass `cls` from a nested dict; unknown keys and bad types raise ConfigError."""
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; "
+                          f"valid keys here: {[prefix + k for k in fields]}")
+    kwargs = {name: _coerce(v, hints[name], prefix + name) for name, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field without a value
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: for MLflow params and reports."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def apply_override(values: dict, assignment: str) -> None:
+    """Apply `a.b.c=value` to a nested dict in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key.sub=value")
+    dotted, raw = assignment.split("=", 1)
+    *parents, leaf = dotted.strip().split(".")
+    node = values
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
+    values: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        values = yaml.safe_load(p.read_text()) or {}
+    for assignment in overrides:
+        apply_override(values, assignment)
+    return from_dict(cls, values)
+
+
+def parse_job_args(cls: type[T], description: str, argv: list[str] | None = None,
+                   extra: typing.Callable[[argparse.ArgumentParser], None] | None = None
+                   ) -> tuple[T, argparse.Namespace]:
+    """The common job command line. Exits with status 2 and a one-line message on a bad config."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file (defaults apply to anything it leaves out)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, repeatable, e.g. --set output_dir=/data/raw")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    if extra:
+        extra(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(cls, args.config, args.overrides)
+    except (ConfigError, yaml.YAMLError) as err:
+        parser.exit(2, f"config error: {err}\n")
+    if args.print_config:
+        yaml.safe_dump(to_dict(cfg), sys.stdout, sort_keys=False)
+        parser.exit(0)
+    return cfg, args
