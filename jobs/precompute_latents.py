@@ -1,0 +1,46 @@
+"""Precompute features: filtered WebDataset shards -> Parquet feature shards + manifest.json.
+
+Decodes and center-crops every image to image_size, encodes it with the frozen VAE (posterior mean and
+log-variance) and its caption with the text encoder (per-token states and length), on a Ray Data actor
+pool. Finished shards are skipped on a rerun; a rerun with other encoders than the existing output is
+an error. Writes precompute_report.json next to the features; exits 1 when no row survived.
+
+examples:
+  python jobs/precompute_latents.py --set input_dir=data/filtered --set output_dir=data/features
+  python jobs/precompute_latents.py --set input_dir=... --set output_dir=... \\
+      --set vae.source=/models/sd-vae --set text.model=ViT-H-14 --set text.weights=/models/clip.bin \\
+      --set image_size=256 --set compute.num_gpus_per_actor=1 --set compute.actors=4
+  ray job submit --working-dir . -- python jobs/precompute_latents.py --config configs/tiny-cpu.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pipelines.config import parse_job_args
+from pipelines.precompute import FeatureMismatchError, PrecomputeConfig, run_precompute, write_report
+from pipelines.runtime import init_ray, setup_logging
+
+log = logging.getLogger("latentforge.precompute")
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    cfg, _ = parse_job_args(PrecomputeConfig, __doc__, argv)
+    try:
+        cfg.validate()  # before any cluster work
+    except ValueError as err:
+        log.error("config error: %s", err)
+        return 2
+    init_ray(cfg.ray_num_cpus)
+    try:
+        report = run_precompute(cfg)
+    except FeatureMismatchError as err:
+        log.error("%s", err)
+        return 1
+    return write_report(cfg, report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Serve the synthetic captioned-shapes dataset over loopback HTTP, like the web, until stopped.
+
+Builds the dataset (pipelines/synthetic.py), writes it to --out (files/, routes.json, items.parquet),
+serves it on 127.0.0.1 at a free port (or --port), and writes --out/url_list.parquet pointing at
+the server: feed that to jobs/download_data.py. Stops on Ctrl-C or SIGTERM.
+
+examples:
+  python jobs/serve_synthetic.py --out /tmp/synth --set num_good=2000
+  python jobs/serve_synthetic.py --out /tmp/synth --set planted.http_404=5 --set planted.html_page=3
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from pipelines.config import parse_job_args
+from pipelines.runtime import setup_logging
+from pipelines.synthetic import SyntheticConfig, build_dataset
+from pipelines.synthetic_web import SyntheticServer, write_dataset, write_url_list
+
+log = logging.getLogger("latentforge.synthetic")
+URL_LIST_FILE = "url_list.parquet"
+
+
+def _arguments(parser) -> None:
+    parser.add_argument("--out", required=True, help="directory for the dataset and url_list.parquet")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_job_args(SyntheticConfig, __doc__, argv, extra=_arguments)
+    setup_logging()
+    try:
+        dataset = build_dataset(cfg)
+    except ValueError as err:
+        log.error("synthetic dataset: %s", err)
+        return 2
+    out = write_dataset(dataset, Path(args.out))
+    # Block the stop signals before the server thread starts, so only sigwait below receives them.
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    with SyntheticServer(dataset.responses) as server:
+        url_list = write_url_list(dataset, server.base_url, out / URL_LIST_FILE)
+        log.info("serving %d items at %s; url list: %s (Ctrl-C to stop)", len(dataset.rows), server.base_url,
+                 url_list)
+        received = signal.sigwait(stop_signals)
+    log.info("stopped by %s", signal.Signals(received).name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,694 @@
+"""Precompute stage: filtered WebDataset shards -> Parquet feature shards + manifest.json.
+
+One streaming Ray Data pipeline runs over every input shard that has no finished output yet:
+
+    from_items(pending shards, one block each)
+      -> map_batches(read_and_decode)   tasks, fractional CPU: tar -> rows (key, caption, image (3,S,S) in [-1,1])
+      -> map_batches(EncoderActor)      ActorPoolStrategy(size=n), num_gpus per actor: VAE moments + text states
+      -> driver: _ShardAssembler        buffers rows per input shard, commits a shard once all its rows arrived
+
+Why this shape:
+- One output shard per input shard (part-NNNNN from the sorted tar list) gives deterministic names,
+  and each output shard has exactly one writer (the driver), so "write a temporary name, then rename"
+  commits it atomically. A rerun skips shards whose final name exists; nothing is ever appended.
+- One pipeline for all shards (not one per shard) keeps the encoder actors alive: loading the models
+  dominates small runs.
+- Completeness without counting tars first: the reader numbers each tar's samples (ordinal) and flags the
+  last one, so a shard is complete when ordinals 0..last have all arrived, in whatever order Ray delivers
+  them. Rows that fail (undecodable image, non-finite latents) travel on with a drop reason rather than
+  being filtered out, so they count towards completeness and into the report.
+- The driver writes the Parquet files: features are small next to images (~220 KB a row at 512 px with
+  SD's VAE and ViT-H), and a single writer keeps commits simple. Its memory holds the shards in flight,
+  about (compute.read_concurrency + 1) x one shard's features.
+- Shards describe themselves: each Parquet footer carries the encoder ids, shapes, source tar and row
+  counts (schema.SHARD_PROVENANCE_KEY). A rerun checks them against the config (a mismatch is an error:
+  features of two encoders never mix), and the manifest and report are rebuilt from the footers of all
+  finished shards, so a run killed with SIGKILL and rerun ends with exactly an uninterrupted run's rows.
+- The encoder ids, shapes and the empty-caption embedding come from a one-off Ray task with the actors'
+  resources and dtype (a GPU on a cluster), not from the driver, which may be a small head node. It
+  loads its models while the actors load theirs; the output is checked against it (and the empty
+  caption stored, a killed run's temporary files removed) when the first encoded batch arrives,
+  before anything is committed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import struct
+import tarfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipelines import schema
+from pipelines.config import from_dict, to_dict
+from pipelines.runtime import StageReport, finish
+
+log = logging.getLogger("latentforge.precompute")
+
+REPORT_FILE = "precompute_report.json"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+DTYPES = ("float32", "float16", "bfloat16")
+
+# Columns of the in-flight rows (not the feature format: they never reach a Parquet file).
+SHARD, ORDINAL, LAST, IMAGE, DROP_REASON = "_shard", "_ordinal", "_last", "_image", "_drop_reason"
+BUSY_SECONDS = "_busy_seconds"  # an encoder call's compute time, spread over its rows (throughput)
+
+# Drop reasons, the keys of the report's "dropped" counts.
+MISSING_IMAGE, MISSING_CAPTION, BAD_CAPTION = "missing_image", "missing_caption", "caption_not_utf8"
+DECODE_ERROR, NON_FINITE_LATENTS, NON_FINITE_TEXT = "decode_error", "non_finite_latents", "non_finite_text"
+
+
+class FeatureMismatchError(ValueError):
+    """The output directory holds features made differently from what the config asks for."""
+
+
+# --------------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VAEConfig:
+    source: str = "tiny"  # "tiny" (seeded random init) or a local diffusers AutoencoderKL directory
+    seed: int = 0  # only for "tiny"
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    model: str = "tiny"  # "tiny" or an open_clip model name such as "ViT-H-14"
+    weights: str | None = None  # local open_clip checkpoint file; None = seeded random init
+    layer: str | int = "penultimate"  # "penultimate" (SD 2), "last", or a block index
+    seed: int = 0  # only for random init
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    actors: int = 1  # encoder actor pool size (one model load each)
+    num_gpus_per_actor: float = 0.0  # > 0 runs the encoders on CUDA
+    num_cpus_per_actor: float = 0.5  # fractional on small machines: whole CPUs starve the readers
+    read_num_cpus: float = 0.5  # per read/decode task
+    read_concurrency: int = 2  # input shards read at once (bounds the driver's buffered shards)
+    batch_size: int = 32  # rows per encoder call (and per decoded chunk)
+    dtype: str = "float32"  # encoder compute dtype: float32, float16 or bfloat16
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    input_dir: str = ""  # filtered WebDataset shards (*.tar), a local path or a pyarrow/fsspec URI
+    output_dir: str = ""  # feature shards, manifest.json, empty caption, report
+    image_size: int = 64  # training resolution: resize the short side, then center-crop
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    ray_num_cpus: int | None = None  # CPUs of an embedded local Ray (ignored when joining a cluster)
+
+    def validate(self) -> None:
+        """Checks that need no cluster; raises ValueError naming the key."""
+        if not self.input_dir or not self.output_dir:
+            raise ValueError("input_dir and output_dir must both be set (--set input_dir=... output_dir=...)")
+        if self.image_size <= 0:
+            raise ValueError(f"image_size must be > 0, got {self.image_size}")
+        c = self.compute
+        if c.dtype not in DTYPES:
+            raise ValueError(f"compute.dtype must be one of {DTYPES}, got {c.dtype!r}")
+        if c.actors < 1 or c.batch_size < 1 or c.read_concurrency < 1:
+            raise ValueError("compute.actors, compute.batch_size and compute.read_concurrency must be >= 1")
+        if self.vae.source != "tiny" and not _is_uri(self.vae.source) and not Path(self.vae.source).is_dir():
+            raise ValueError(f"vae.source: {self.vae.source!r} is neither 'tiny' nor a local diffusers directory")
+        if self.text.weights and not Path(self.text.weights).expanduser().is_file():
+            raise ValueError(f"text.weights: file {self.text.weights!r} not found")
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+# --------------------------------------------------------------------------------------------
+# storage: local paths and URIs through one pyarrow filesystem API
+# --------------------------------------------------------------------------------------------
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A local path or a URI (s3://, gs://, ...) -> (filesystem, path inside it)."""
+    if _is_uri(uri):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def list_input_shards(input_dir: str) -> list[str]:
+    """Names of the *.tar files directly in input_dir, sorted: their positions are the shard indices."""
+    fs, root = resolve(input_dir)
+    info = fs.get_file_info(root)
+    if info.type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"input_dir {input_dir} is not a directory")
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    return sorted(i.base_name for i in infos if i.is_file and i.base_name.endswith(".tar"))
+
+
+def _write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    tmp = _temp_name(path)
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def _temp_name(path: str) -> str:
+    # Hidden, unique, and recognisable by remove_temporaries() after a crash.
+    head, name = path.rsplit("/", 1)
+    return f"{head}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+def remove_temporaries(fs: pafs.FileSystem, root: str) -> int:
+    """Delete the temporary files a killed run left behind; returns how many."""
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    stale = [i.path for i in infos if i.is_file and i.base_name.startswith(".") and ".tmp-" in i.base_name]
+    for path in stale:
+        fs.delete_file(path)
+    return len(stale)
+
+
+# --------------------------------------------------------------------------------------------
+# reading and decoding (CPU tasks)
+# --------------------------------------------------------------------------------------------
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Encoded image -> (3, size, size) float32 in [-1, 1]: short side resized to `size`, center crop.
+    Raises on undecodable bytes (PIL raises several exception types)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, never below `size`
+        img = img.convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    pixels = np.asarray(img, dtype=np.float32)  # (S, S, 3) in [0, 255]
+    return pixels.transpose(2, 0, 1) / 127.5 - 1.0
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """WebDataset convention: the key is the path up to the first dot of the file name."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def tar_samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream a WebDataset tar -> (key, {extension: bytes}) per sample, in tar order."""
+    key, files = None, {}
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            sample_key, ext = _split_member(member.name)
+            if key is not None and sample_key != key:
+                yield key, files
+                files = {}
+            key = sample_key
+            files[ext] = tar.extractfile(member).read()
+    if key is not None:
+        yield key, files
+
+
+def _with_last_flag(items: Iterator) -> Iterator[tuple[Any, bool]]:
+    """Yield (item, is_last) with a one-item lookahead."""
+    previous, has_previous = None, False
+    for item in items:
+        if has_previous:
+            yield previous, False
+        previous, has_previous = item, True
+    if has_previous:
+        yield previous, True
+
+
+def sample_row(key: str, files: dict[str, bytes], size: int) -> dict[str, Any]:
+    """One tar sample -> key, caption, image (3, S, S) and a drop reason ("" when the row is good)."""
+    reason, caption, image = "", "", np.zeros((3, size, size), np.float32)
+    image_bytes = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+    if image_bytes is None:
+        reason = MISSING_IMAGE
+    elif "txt" not in files:
+        reason = MISSING_CAPTION
+    else:
+        try:
+            caption = files["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            reason = BAD_CAPTION
+    if not reason:
+        try:
+            image = decode_image(image_bytes, size)
+        except Exception:  # noqa: BLE001 - any decoder failure is a dropped row, not a crash
+            reason = DECODE_ERROR
+    return {schema.KEY: key, schema.CAPTION: caption, IMAGE: image, DROP_REASON: reason}
+
+
+def _stack(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    batch = {name: np.array([r[name] for r in rows], dtype=object)
+             for name in (schema.KEY, schema.CAPTION, DROP_REASON)}
+    batch[IMAGE] = np.stack([r[IMAGE] for r in rows])  # (B, 3, S, S)
+    for name, dtype in ((SHARD, np.int32), (ORDINAL, np.int64), (LAST, bool)):
+        batch[name] = np.array([r[name] for r in rows], dtype=dtype)
+    return batch
+
+
+def read_and_decode(batch: dict[str, np.ndarray], input_dir: str, image_size: int,
+                    chunk: int) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data generator UDF: rows (shard index, tar name) -> decoded sample batches of <= chunk rows."""
+    fs, root = resolve(input_dir)
+    for shard, name in zip(batch["shard"], batch["name"]):
+        rows = []
+        try:
+            with fs.open_input_stream(f"{root}/{name}") as stream:
+                for ordinal, ((key, files), last) in enumerate(_with_last_flag(tar_samples(stream))):
+                    row = sample_row(key, files, image_size)
+                    rows.append({**row, SHARD: shard, ORDINAL: ordinal, LAST: last})
+                    if len(rows) == chunk:
+                        yield _stack(rows)
+                        rows = []
+        except (tarfile.TarError, OSError) as err:
+            raise RuntimeError(f"input shard {name} is unreadable: {err}") from err
+        if rows:
+            yield _stack(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# encoding (stateful actors)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What the driver needs from the encoders: constants for the manifest, and the empty caption."""
+
+    vae: dict[str, Any]  # spec_dict(VAESpec)
+    text_encoder: dict[str, Any]  # spec_dict(TextEncoderSpec)
+    latent_shape: tuple[int, int, int]  # (C, h, w)
+    text_shape: tuple[int, int]  # (L, D)
+    empty_states: np.ndarray  # (L, D) float16
+    empty_mask: np.ndarray  # (L,) bool
+
+    @property
+    def shapes(self) -> schema.FeatureShapes:
+        return schema.FeatureShapes(self.latent_shape, self.text_shape)
+
+
+def load_encoders(cfg: PrecomputeConfig):
+    """-> (FrozenVAE, FrozenTextEncoder) on CUDA when the actor was given a GPU, else CPU."""
+    import torch
+
+    from model.encoders import build_text_encoder, build_vae
+
+    device = "cuda" if cfg.compute.num_gpus_per_actor > 0 else "cpu"
+    dtype = getattr(torch, cfg.compute.dtype)
+    vae = build_vae(cfg.vae.source, seed=cfg.vae.seed, device=device, dtype=dtype)
+    text = build_text_encoder(cfg.text.model, cfg.text.weights, layer=cfg.text.layer,
+                              seed=cfg.text.seed, device=device, dtype=dtype)
+    return vae, text
+
+
+def encode_batch(vae, text, images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]:
+    """images (B, 3, S, S) in [-1, 1], captions -> feature arrays, already in the stored dtype."""
+    import torch
+
+    mean, logvar = vae.encode(torch.from_numpy(images))  # (B, C, h, w) each
+    states, mask = text(captions)  # (B, L, D), (B, L)
+    stored = schema.FEATURE_DTYPE
+    return {
+        schema.LATENT_MEAN: mean.cpu().numpy().astype(stored),
+        schema.LATENT_LOGVAR: logvar.cpu().numpy().astype(stored),
+        schema.TEXT_STATES: states.cpu().numpy().astype(stored),
+        schema.TEXT_LENGTH: mask.sum(dim=1).cpu().numpy().astype(np.int16),
+    }
+
+
+def non_finite_reasons(features: dict[str, np.ndarray]) -> np.ndarray:
+    """Per row: "" when every stored value is finite, else the drop reason. Checked after the cast
+    to float16, so values that overflow it (|x| > 65504) count as non-finite too."""
+    def finite(name: str) -> np.ndarray:
+        values = features[name]
+        return np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+
+    latents_ok = finite(schema.LATENT_MEAN) & finite(schema.LATENT_LOGVAR)
+    text_ok = finite(schema.TEXT_STATES)
+    return np.where(latents_ok, np.where(text_ok, "", NON_FINITE_TEXT), NON_FINITE_LATENTS).astype(object)
+
+
+class EncoderActor:
+    """Ray Data callable class: one model load per actor, then image/caption batches -> features."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        cfg = from_dict(PrecomputeConfig, config)  # configs travel as plain dicts
+        self.vae, self.text = load_encoders(cfg)
+        self.latent_shape = self.vae.latent_shape(cfg.image_size, cfg.image_size)
+        self.text_shape = (self.text.context_length, self.text.width)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        images = batch.pop(IMAGE)
+        reasons = np.asarray(batch[DROP_REASON], dtype=object).copy()  # object: fixed-width str truncates
+        ok = reasons == ""
+        features = self._zeros(len(reasons))  # dropped rows keep zeros: they are never written
+        if ok.any():
+            encoded = encode_batch(self.vae, self.text, images[ok], [str(c) for c in batch[schema.CAPTION][ok]])
+            for name, values in encoded.items():
+                features[name][ok] = values
+            reasons[ok] = non_finite_reasons(encoded)
+        busy = np.full(len(reasons), (time.perf_counter() - start) / max(len(reasons), 1))
+        return {**batch, **features, DROP_REASON: reasons, BUSY_SECONDS: busy}
+
+    def _zeros(self, n: int) -> dict[str, np.ndarray]:
+        stored = schema.FEATURE_DTYPE
+        return {schema.LATENT_MEAN: np.zeros((n, *self.latent_shape), stored),
+                schema.LATENT_LOGVAR: np.zeros((n, *self.latent_shape), stored),
+                schema.TEXT_STATES: np.zeros((n, *self.text_shape), stored),
+                schema.TEXT_LENGTH: np.zeros((n,), np.int16)}
+
+
+def _probe(config: dict[str, Any]) -> EncoderInfo:
+    cfg = from_dict(PrecomputeConfig, config)
+    vae, text = load_encoders(cfg)
+    from model.encoders import spec_dict
+
+    states, mask = text([""])  # (1, L, D), (1, L)
+    return EncoderInfo(
+        vae=spec_dict(vae.spec), text_encoder=spec_dict(text.spec),
+        latent_shape=vae.latent_shape(cfg.image_size, cfg.image_size),
+        text_shape=(text.context_length, text.width),
+        empty_states=states[0].cpu().numpy().astype(schema.FEATURE_DTYPE),
+        empty_mask=mask[0].cpu().numpy().astype(bool))
+
+
+def start_probe(cfg: PrecomputeConfig):
+    """Build the encoders once in a Ray task with the actors' resources (a GPU on a cluster, not the
+    driver's machine): ids, shapes, empty caption. Returns an ObjectRef of an EncoderInfo: the probe
+    loads its models while the pipeline's actors load theirs."""
+    import ray
+
+    task = ray.remote(_probe).options(num_cpus=cfg.compute.num_cpus_per_actor,
+                                      num_gpus=cfg.compute.num_gpus_per_actor, max_retries=0)
+    return task.remote(to_dict(cfg))
+
+
+# --------------------------------------------------------------------------------------------
+# provenance and compatibility
+# --------------------------------------------------------------------------------------------
+
+def run_spec(cfg: PrecomputeConfig, info: EncoderInfo) -> dict[str, Any]:
+    """What must be equal for two shards to belong in one feature directory."""
+    return {"format_version": schema.FORMAT_VERSION, "image_size": cfg.image_size,
+            "vae_id": info.vae["id"], "text_encoder_id": info.text_encoder["id"],
+            "latent_shape": list(info.latent_shape), "text_shape": list(info.text_shape)}
+
+
+def read_provenance(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
+    with fs.open_input_file(path) as f:
+        metadata = pq.read_schema(f).metadata or {}
+    if schema.SHARD_PROVENANCE_KEY not in metadata:
+        raise FeatureMismatchError(f"{path} has no precompute provenance: it was not written by this stage")
+    return json.loads(metadata[schema.SHARD_PROVENANCE_KEY])
+
+
+def finished_shards(fs: pafs.FileSystem, root: str) -> dict[int, dict[str, Any]]:
+    """{shard index: provenance} of every committed feature shard in the output directory."""
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    found = {}
+    for info in infos:
+        name = info.base_name
+        if info.is_file and name.startswith(schema.SHARD_PREFIX) and name.endswith(schema.SHARD_SUFFIX):
+            index = int(name[len(schema.SHARD_PREFIX):-len(schema.SHARD_SUFFIX)])
+            found[index] = read_provenance(fs, info.path)
+    return found
+
+
+def _differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    return [f"{k}: existing {found.get(k)!r}, config gives {v!r}" for k, v in expected.items() if found.get(k) != v]
+
+
+def check_compatible(spec: dict[str, Any], inputs: list[str], finished: dict[int, dict[str, Any]],
+                     fs: pafs.FileSystem, root: str, output_dir: str) -> None:
+    """Raise FeatureMismatchError when existing outputs were made differently (encoders, size, inputs)."""
+    problems = []
+    for index, provenance in sorted(finished.items()):
+        problems += [f"{schema.shard_name(index)} {d}" for d in _differences(spec, provenance)]
+        source = inputs[index] if index < len(inputs) else None
+        if provenance.get("source") != source:
+            problems.append(f"{schema.shard_name(index)} was made from {provenance.get('source')!r}, "
+                            f"the input shard at that position is now {source!r}")
+    manifest_path = f"{root}/{schema.MANIFEST_FILE}"
+    if fs.get_file_info(manifest_path).is_file:
+        manifest = json.loads(_read_bytes(fs, manifest_path))
+        found = {"format_version": manifest.get("format_version"), "image_size": manifest.get("image_size"),
+                 "vae_id": manifest.get("vae", {}).get("id"),
+                 "text_encoder_id": manifest.get("text_encoder", {}).get("id"),
+                 "latent_shape": manifest.get("latent_shape"), "text_shape": manifest.get("text_shape")}
+        problems += [f"{schema.MANIFEST_FILE} {d}" for d in _differences(spec, found)]
+    if problems:
+        shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise FeatureMismatchError(
+            f"output_dir {output_dir} already holds features that do not match this config:\n  {shown}\n"
+            f"Features from different encoders or inputs must not mix: use a new output_dir, or the "
+            f"original encoder settings.")
+
+
+def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The __metadata__ of a safetensors blob (8-byte little-endian header length, then JSON)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + length]).get("__metadata__", {})
+
+
+def write_empty_caption(fs: pafs.FileSystem, root: str, info: EncoderInfo) -> None:
+    """Store the empty caption's states + mask once; an existing file must come from the same encoder."""
+    import torch
+    from safetensors.torch import save
+
+    path = f"{root}/{schema.EMPTY_CAPTION_FILE}"
+    text_id = info.text_encoder["id"]
+    if fs.get_file_info(path).is_file:
+        found = safetensors_metadata(_read_bytes(fs, path)).get("text_encoder_id")
+        if found != text_id:
+            raise FeatureMismatchError(f"{path} was made by text encoder {found!r}, config gives {text_id!r}")
+        return
+    blob = save({schema.EMPTY_CAPTION_STATES: torch.from_numpy(info.empty_states.copy()),  # (L, D) float16
+                 schema.EMPTY_CAPTION_MASK: torch.from_numpy(info.empty_mask.copy())},  # (L,) bool
+                metadata={"text_encoder_id": text_id})
+    _write_atomic(fs, path, blob)
+
+
+# --------------------------------------------------------------------------------------------
+# assembling and committing output shards (driver)
+# --------------------------------------------------------------------------------------------
+
+class _ShardAssembler:
+    """Collects encoded rows per input shard and commits each shard once all its rows have arrived."""
+
+    def __init__(self, fs: pafs.FileSystem, root: str, inputs: list[str],
+                 prepare: Callable[[], tuple[dict[str, Any], schema.FeatureShapes]]) -> None:
+        self.fs, self.root, self.inputs, self.prepare = fs, root, inputs, prepare
+        self.spec: dict[str, Any] | None = None
+        self.shapes: schema.FeatureShapes | None = None
+        self.parts: dict[int, list[dict[str, np.ndarray]]] = {}
+        self.ordinals: dict[int, set[int]] = {}
+        self.expected: dict[int, int] = {}
+        self.committed: list[dict[str, Any]] = []
+        self.done: set[int] = set()
+
+    def ready(self) -> None:
+        """Check and prepare the output once, before the first commit (see run_precompute)."""
+        if self.spec is None:
+            self.spec, self.shapes = self.prepare()
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        self.ready()
+        shards = batch[SHARD]
+        for shard in np.unique(shards).tolist():
+            if shard in self.done:  # a row resent by a retried task after its shard was committed
+                continue
+            part = {name: values[shards == shard] for name, values in batch.items()}
+            self.parts.setdefault(shard, []).append(part)
+            self.ordinals.setdefault(shard, set()).update(part[ORDINAL].tolist())
+            if part[LAST].any():
+                self.expected[shard] = int(part[ORDINAL][part[LAST]].max()) + 1
+            if len(self.ordinals[shard]) == self.expected.get(shard):
+                self.commit(shard)
+
+    def finish(self, pending: list[int]) -> None:
+        """The stream ended: every pending shard is complete (an empty tar never produced a row)."""
+        self.ready()
+        for shard in pending:
+            if shard in self.expected and len(self.ordinals[shard]) != self.expected[shard]:
+                raise RuntimeError(f"{self.inputs[shard]}: {len(self.ordinals[shard])} of "
+                                   f"{self.expected[shard]} rows arrived")
+            if shard not in self.done:
+                self.commit(shard)
+
+    def commit(self, shard: int) -> None:
+        rows = _merge_parts(self.parts.pop(shard, []))
+        reasons = rows.get(DROP_REASON, np.array([], dtype=object))
+        kept = reasons == ""
+        provenance = {**self.spec, "source": self.inputs[shard], "rows_in": int(len(reasons)),
+                      "rows": int(kept.sum()), "dropped": dict(Counter(reasons[~kept].tolist()))}
+        table = self._table(rows, kept).replace_schema_metadata(
+            {schema.SHARD_PROVENANCE_KEY: json.dumps(provenance).encode()})
+        path = f"{self.root}/{schema.shard_name(shard)}"
+        tmp = _temp_name(path)
+        pq.write_table(table, tmp, filesystem=self.fs, **schema.PARQUET_WRITE_OPTIONS)
+        self.fs.move(tmp, path)  # the commit: the final name appears only when the file is complete
+        self.committed.append({"index": shard, **provenance})
+        self.done.add(shard)
+        log.info("committed %s: %d rows (%d dropped) from %s", schema.shard_name(shard), provenance["rows"],
+                 len(reasons) - provenance["rows"], self.inputs[shard])
+
+    def _table(self, rows: dict[str, np.ndarray], kept: np.ndarray) -> pa.Table:
+        if not rows:
+            return self.shapes.arrow_schema().empty_table()
+        return schema.to_table(
+            self.shapes, [str(k) for k in rows[schema.KEY][kept]], [str(c) for c in rows[schema.CAPTION][kept]],
+            rows[schema.LATENT_MEAN][kept], rows[schema.LATENT_LOGVAR][kept],
+            rows[schema.TEXT_STATES][kept], rows[schema.TEXT_LENGTH][kept])
+
+
+def _merge_parts(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate a shard's batches, in tar order, each ordinal once (a retried task may resend rows)."""
+    if not parts:
+        return {}
+    merged = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    _, first = np.unique(merged[ORDINAL], return_index=True)  # sorted by ordinal
+    return {name: values[first] for name, values in merged.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------
+
+def build_dataset(cfg: PrecomputeConfig, inputs: list[str], pending: list[int]):
+    """The Ray Data pipeline over the pending input shards (lazy: runs when iterated)."""
+    import ray
+
+    c = cfg.compute
+    items = [{"shard": i, "name": inputs[i]} for i in pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))  # one read task per tar
+    ds = ds.map_batches(read_and_decode, batch_size=1, batch_format="numpy",
+                        fn_kwargs={"input_dir": cfg.input_dir, "image_size": cfg.image_size,
+                                   "chunk": c.batch_size},
+                        compute=ray.data.TaskPoolStrategy(size=c.read_concurrency), num_cpus=c.read_num_cpus)
+    return ds.map_batches(EncoderActor, batch_size=c.batch_size, batch_format="numpy",
+                          fn_constructor_kwargs={"config": to_dict(cfg)},
+                          compute=ray.data.ActorPoolStrategy(size=c.actors),
+                          num_cpus=c.num_cpus_per_actor, num_gpus=c.num_gpus_per_actor)
+
+
+def run_pending(cfg: PrecomputeConfig, assembler: _ShardAssembler, inputs: list[str],
+                pending: list[int]) -> dict[str, Any]:
+    """Encode and commit the pending shards; returns timings for the report.
+
+    Two throughputs: rows over the wall time (model loading included, it dominates small runs), and
+    rows over the encoder actors' busy time (what one actor sustains once loaded)."""
+    start, first, rows, busy = time.perf_counter(), None, 0, 0.0
+    for batch in build_dataset(cfg, inputs, pending).iter_batches(batch_size=None, batch_format="numpy"):
+        first = first or time.perf_counter()
+        rows += len(batch[SHARD])
+        busy += float(batch[BUSY_SECONDS].sum())
+        assembler.add(batch)
+    assembler.finish(pending)
+    seconds = time.perf_counter() - start
+    return {"encode_seconds": round(seconds, 3), "first_batch_seconds": round((first or start) - start, 3),
+            "rows_per_s": round(rows / seconds, 2),
+            "rows_per_s_per_actor_busy": round(rows / busy, 2) if busy > 0 else None}
+
+
+def build_manifest(cfg: PrecomputeConfig, info: EncoderInfo, finished: dict[int, dict[str, Any]]) -> schema.Manifest:
+    shards = tuple({"name": schema.shard_name(i), "rows": p["rows"], "rows_in": p["rows_in"],
+                    "source": p["source"]} for i, p in sorted(finished.items()))
+    return schema.Manifest(
+        image_size=cfg.image_size, latent_shape=info.latent_shape, text_shape=info.text_shape,
+        vae=info.vae, text_encoder=info.text_encoder, shards=shards,
+        extra={"input_dir": cfg.input_dir, "config": to_dict(cfg)})
+
+
+def _fill_report(report: StageReport, finished: dict[int, dict[str, Any]], written: list[dict[str, Any]],
+                 timings: dict[str, Any]) -> None:
+    """Counts over every finished shard (also those of earlier runs); timings of this run only."""
+    for provenance in finished.values():
+        report.rows_in += provenance["rows_in"]
+        report.rows_out += provenance["rows"]
+        for reason, count in provenance["dropped"].items():
+            report.drop(reason, count)
+    report.details.update({
+        "shards": len(finished), "shards_written": len(written), "shards_skipped": len(finished) - len(written),
+        "rows_processed": sum(p["rows_in"] for p in written), **timings})
+    if report.rows_out == 0:
+        report.fail("no rows left after precompute (every row was dropped)")
+
+
+def prepare_output(cfg: PrecomputeConfig, info: EncoderInfo, inputs: list[str], fs: pafs.FileSystem,
+                   root: str) -> tuple[dict[str, Any], schema.FeatureShapes]:
+    """Before the first commit: existing outputs must match (else FeatureMismatchError, nothing
+    written), a killed run's temporary files go, the empty caption is stored."""
+    spec = run_spec(cfg, info)
+    check_compatible(spec, inputs, finished_shards(fs, root), fs, root, cfg.output_dir)
+    removed = remove_temporaries(fs, root)
+    write_empty_caption(fs, root, info)
+    log.info("output %s checked against vae %s and text encoder %s; %d stale temporary files removed",
+             cfg.output_dir, info.vae["id"], info.text_encoder["id"], removed)
+    return spec, info.shapes
+
+
+def run_precompute(cfg: PrecomputeConfig) -> StageReport:
+    """The stage on a running Ray. Raises FeatureMismatchError before any write when the output
+    directory holds features made differently; returns the report (also written to the output)."""
+    import ray
+
+    cfg.validate()
+    report = StageReport(stage="precompute")
+    inputs = list_input_shards(cfg.input_dir)
+    if not inputs:
+        report.fail(f"no *.tar shards in {cfg.input_dir}")
+        return report
+    fs, root = resolve(cfg.output_dir)
+    fs.create_dir(root, recursive=True)
+    probe = start_probe(cfg)
+    pending = [i for i in range(len(inputs)) if i not in finished_shards(fs, root)]
+    log.info("%d input shards: %d to encode, %d already finished", len(inputs), len(pending),
+             len(inputs) - len(pending))
+    # The output is checked when the first encoded batch arrives rather than before the pipeline
+    # starts: the probe then loads its models while the actors load theirs (minutes for big models).
+    assembler = _ShardAssembler(fs, root, inputs, lambda: prepare_output(cfg, ray.get(probe), inputs, fs, root))
+    timings = run_pending(cfg, assembler, inputs, pending) if pending else {}
+    assembler.ready()  # also when nothing was pending: the check and the clean-up still run
+    info = ray.get(probe)
+    finished = finished_shards(fs, root)
+    manifest = json.dumps(build_manifest(cfg, info, finished).to_dict(), indent=2).encode()
+    _write_atomic(fs, f"{root}/{schema.MANIFEST_FILE}", manifest)
+    _fill_report(report, finished, assembler.committed, timings)
+    report.details["output_dir"] = cfg.output_dir
+    return report
+
+
+def write_report(cfg: PrecomputeConfig, report: StageReport) -> int:
+    """Write the report next to the features; returns the job's exit status."""
+    fs, root = resolve(cfg.output_dir)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return finish(report, Path(root) / REPORT_FILE)
+    # runtime.finish writes local paths only: write through the filesystem, then log the same way
+    _write_atomic(fs, f"{root}/{REPORT_FILE}", json.dumps(report.to_dict(), indent=2).encode())
+    log.log(logging.INFO if report.ok else logging.ERROR, "precompute: %d in, %d out, dropped %s%s; report: %s",
+            report.rows_in, report.rows_out, report.dropped or 0,
+            "" if report.ok else f"; FAILED: {report.error}", f"{cfg.output_dir}/{REPORT_FILE}")
+    return 0 if report.ok else 1

@@ -1,0 +1,221 @@
+"""The feature loader: per-rank partition, deterministic order, exact resume, latent scaling,
+manifest checks; and the loader benchmark's figures (never its timing)."""
+
+import dataclasses
+import itertools
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from model.config import UNetConfig
+from pipelines import schema
+from pipelines.loader import (BATCH_CAPTIONS, BATCH_KEYS, BATCH_LATENTS, BATCH_TEXT_MASK, BATCH_TEXT_STATES,
+                              FeatureLoader, LoaderConfig, check_manifest_matches, load_empty_caption,
+                              read_manifest)
+
+SHAPES = schema.FeatureShapes(latent=(4, 8, 8), text=(6, 8))
+SCALE, SHIFT = 0.5, 0.25
+
+
+def write_features(directory, shard_rows, logvar=0.0, seed=0, shapes=SHAPES):
+    """Shards of random features (constant logvar) + manifest; returns {key: (mean, states, length)}."""
+    rng = np.random.default_rng(seed)
+    rows_by_key, entries = {}, []
+    for index, n in enumerate(shard_rows):
+        keys = [f"s{index}-r{i}" for i in range(n)]
+        mean = rng.standard_normal((n, *shapes.latent)).astype(np.float16)
+        states = rng.standard_normal((n, *shapes.text)).astype(np.float16)
+        length = rng.integers(1, shapes.text[0] + 1, n)
+        table = schema.to_table(shapes, keys, [f"caption of {k}" for k in keys], mean,
+                                np.full((n, *shapes.latent), logvar), states, length)
+        pq.write_table(table, directory / schema.shard_name(index), **schema.PARQUET_WRITE_OPTIONS)
+        entries.append({"name": schema.shard_name(index), "rows": n})
+        rows_by_key.update({k: (mean[i], states[i], length[i]) for i, k in enumerate(keys)})
+    manifest = schema.Manifest(
+        image_size=32, latent_shape=shapes.latent, text_shape=shapes.text,
+        vae={"id": "test", "scaling_factor": SCALE, "shift_factor": SHIFT, "latent_channels": shapes.latent[0],
+             "downsample_factor": 4},
+        text_encoder={"id": "test", "width": shapes.text[1], "context_length": shapes.text[0], "layer": -1},
+        shards=tuple(entries))
+    (directory / schema.MANIFEST_FILE).write_text(json.dumps(manifest.to_dict()))
+    return rows_by_key
+
+
+def epoch_keys(loader):
+    return [k for batch in loader for k in batch[BATCH_KEYS]]
+
+
+@pytest.mark.parametrize("world_size,window_shards,drop_last", [(2, 2, True), (2, 0, False), (3, 1, True)])
+def test_ranks_see_disjoint_rows_covering_all_but_the_counted_remainder(tmp_path, world_size, window_shards,
+                                                                         drop_last):
+    write_features(tmp_path, [7, 5, 9, 0])  # 21 rows; an empty shard must not break windows
+    cfg = LoaderConfig(batch_size=3, window_shards=window_shards, drop_last=drop_last, with_text=True)
+    loaders = [FeatureLoader(tmp_path, cfg, rank=r, world_size=world_size) for r in range(world_size)]
+    for epoch in range(2):
+        seen = [epoch_keys(loader) for loader in loaders]
+        assert len({len(keys) for keys in seen}) == 1  # same batch count on every rank
+        flat = [k for keys in seen for k in keys]
+        assert len(flat) == len(set(flat))  # disjoint
+        assert len(flat) == 21 - loaders[0].dropped_rows_per_epoch
+        assert [loader.epoch for loader in loaders] == [epoch + 1] * world_size
+    loader = loaders[0]
+    assert loader.remainder_rows == 21 % world_size
+    assert loader.partial_batch_rows == ((21 // world_size) % 3 if drop_last else 0)
+
+
+def test_every_row_is_covered_when_rows_divide_evenly_and_uris_work(tmp_path):
+    rows = write_features(tmp_path, [6, 6])
+    cfg = LoaderConfig(batch_size=3, window_shards=1, with_text=True)
+    uri = f"file://{tmp_path}"  # what s3:// etc. go through too: a pyarrow filesystem
+    seen = [epoch_keys(FeatureLoader(uri, cfg, rank=r, world_size=2)) for r in range(2)]
+    assert sorted(seen[0] + seen[1]) == sorted(rows) and not set(seen[0]) & set(seen[1])
+
+
+def test_order_is_a_function_of_seed_and_epoch(tmp_path):
+    write_features(tmp_path, [10, 10, 12])  # 32 rows: whole batches, nothing dropped
+    cfg = LoaderConfig(batch_size=4, window_shards=2, with_text=True)
+    a, b = FeatureLoader(tmp_path, cfg), FeatureLoader(tmp_path, cfg)
+    a0, b0, a1 = epoch_keys(a), epoch_keys(b), epoch_keys(a)
+    assert a0 == b0 and a0 != a1 and sorted(a0) == sorted(a1)
+    other_seed = FeatureLoader(tmp_path, LoaderConfig(batch_size=4, window_shards=2, seed=1, with_text=True))
+    assert epoch_keys(other_seed) != a0
+    assert torch.equal(FeatureLoader(tmp_path, cfg).batch(3, 2)[BATCH_LATENTS], b.batch(3, 2)[BATCH_LATENTS])
+    unshuffled = FeatureLoader(tmp_path, LoaderConfig(batch_size=4, shuffle=False, with_text=True))
+    assert epoch_keys(unshuffled)[:3] == ["s0-r0", "s0-r1", "s0-r2"]
+
+
+def take(loader, n):
+    """The next n batches, across epoch boundaries (each iter() is the rest of one epoch)."""
+    out = []
+    while len(out) < n:
+        out += itertools.islice(loader, n - len(out))
+    return out
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_resume_is_bit_identical_wherever_the_run_stops(tmp_path, drop_last):
+    write_features(tmp_path, [9, 8, 7])  # logvar 0: the latent noise matters
+    cfg = LoaderConfig(batch_size=5, window_shards=1, drop_last=drop_last, with_text=True)
+    # the reference decodes inline, the others on the prefetch thread: same batches either way
+    reference = FeatureLoader(tmp_path, dataclasses.replace(cfg, prefetch=False), rank=1, world_size=2)
+    expected = take(reference, 2 * reference.batches_per_epoch)  # two epochs, uninterrupted
+    for stop in range(1, len(expected)):  # mid-window, window straddles, epoch ends
+        first = FeatureLoader(tmp_path, cfg, rank=1, world_size=2)
+        got = take(first, stop)
+        state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint file
+        resumed = FeatureLoader(tmp_path, cfg, rank=1, world_size=2)
+        resumed.load_state_dict(state)
+        got += take(resumed, len(expected) - stop)
+        for want, have in zip(expected, got, strict=True):
+            assert want[BATCH_KEYS] == have[BATCH_KEYS]
+            for name in (BATCH_LATENTS, BATCH_TEXT_STATES, BATCH_TEXT_MASK):
+                assert torch.equal(want[name], have[name]), (stop, name)
+
+
+def test_state_saved_after_an_epoch_resumes_at_the_next_and_rejects_a_different_order(tmp_path):
+    write_features(tmp_path, [8])
+    cfg = LoaderConfig(batch_size=4, with_text=True)
+    loader = FeatureLoader(tmp_path, cfg)
+    batches = list(loader)
+    state = {**loader.state_dict(), "epoch": 0, "step": len(batches)}  # saved right after the last batch
+    resumed = FeatureLoader(tmp_path, cfg)
+    resumed.load_state_dict(state)
+    assert (resumed.epoch, resumed.step) == (1, 0)
+    with pytest.raises(ValueError, match="world_size"):
+        FeatureLoader(tmp_path, cfg, rank=0, world_size=2).load_state_dict(state)
+
+
+def test_latents_are_sampled_moments_in_model_space(tmp_path):
+    rows = write_features(tmp_path, [12, 12], logvar=-40.0)  # std ~ 0: samples equal the mean
+    for batch in FeatureLoader(tmp_path, LoaderConfig(batch_size=6, with_text=True)):
+        mean = torch.from_numpy(np.stack([rows[k][0] for k in batch[BATCH_KEYS]])).float()
+        assert batch[BATCH_LATENTS].dtype == torch.float32
+        assert batch[BATCH_LATENTS].shape == (6, *SHAPES.latent)
+        torch.testing.assert_close(batch[BATCH_LATENTS], (mean - SHIFT) * SCALE, atol=1e-5, rtol=0)
+
+    noisy = tmp_path / "noisy"
+    noisy.mkdir()
+    rows = write_features(noisy, [64], logvar=float(np.log(4.0)))  # std 2 around the mean
+    loader = FeatureLoader(noisy, LoaderConfig(batch_size=64, with_text=True))
+    residuals = []
+    for epoch in range(2):
+        batch = loader.batch(epoch, 0)
+        order = np.argsort(batch[BATCH_KEYS])  # the same rows in the same order in both epochs
+        mean = torch.from_numpy(np.stack([rows[k][0] for k in batch[BATCH_KEYS]])).float()
+        residuals.append((batch[BATCH_LATENTS] / SCALE + SHIFT - mean)[order])  # raw space, minus the mean
+    for residual in residuals:
+        assert abs(residual.std().item() - 2.0) < 0.1 and abs(residual.mean().item()) < 0.1
+    assert not torch.allclose(residuals[0], residuals[1])  # sampled fresh each epoch
+
+
+def test_text_states_and_mask_follow_the_stored_length(tmp_path):
+    rows = write_features(tmp_path, [10])
+    batch = FeatureLoader(tmp_path, LoaderConfig(batch_size=10, with_text=True)).batch(0, 0)
+    assert batch[BATCH_TEXT_MASK].dtype == torch.bool and batch[BATCH_TEXT_MASK].shape == (10, SHAPES.text[0])
+    assert batch[BATCH_TEXT_STATES].dtype == torch.float32
+    for i, key in enumerate(batch[BATCH_KEYS]):
+        _, states, length = rows[key]
+        assert batch[BATCH_TEXT_MASK][i].tolist() == [j < length for j in range(SHAPES.text[0])]
+        assert torch.equal(batch[BATCH_TEXT_STATES][i], torch.from_numpy(states).float())
+    assert batch[BATCH_CAPTIONS][0] == f"caption of {batch[BATCH_KEYS][0]}"
+
+
+def test_manifest_mismatch_names_each_field(tmp_path, micro_cfg):
+    write_features(tmp_path, [2], shapes=schema.FeatureShapes(latent=(4, 8, 8), text=(6, 24)))
+    manifest = read_manifest(tmp_path)
+    check_manifest_matches(manifest, micro_cfg)  # micro_cfg: 4 channels, 8x8, context 24
+    wrong = UNetConfig(**{**micro_cfg.to_dict(), "in_channels": 3, "sample_size": 16, "context_dim": 32})
+    with pytest.raises(ValueError) as err:
+        check_manifest_matches(manifest, wrong)
+    for words in ("latent channels", "in_channels=3", "latent size", "sample_size=16", "text width",
+                  "context_dim=32"):
+        assert words in str(err.value)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    write_features(odd, [2], shapes=schema.FeatureShapes(latent=(4, 6, 6), text=(6, 24)))
+    with pytest.raises(ValueError, match="not divisible by the U-Net's downsample_factor 4"):
+        check_manifest_matches(read_manifest(odd), UNetConfig(**{**micro_cfg.to_dict(), "sample_size": 6}))
+
+
+def test_missing_manifest_shard_or_empty_caption_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json not found.*precompute_latents"):
+        FeatureLoader(tmp_path / "nowhere", LoaderConfig())
+    write_features(tmp_path, [4, 4])
+    (tmp_path / schema.shard_name(1)).unlink()
+    loader = FeatureLoader(tmp_path, LoaderConfig(batch_size=8, window_shards=0))
+    with pytest.raises(FileNotFoundError, match="part-00001.parquet: listed in manifest.json but missing"):
+        next(iter(loader))
+    with pytest.raises(FileNotFoundError, match="empty-caption"):
+        load_empty_caption(tmp_path)
+    with pytest.raises(ValueError, match="batch_size"):
+        FeatureLoader(tmp_path, LoaderConfig(batch_size=9))  # 8 rows: not one full batch
+
+
+def test_empty_caption_round_trip(tmp_path):
+    from safetensors.torch import save_file
+
+    write_features(tmp_path, [2])
+    states = torch.randn(SHAPES.text).half()
+    mask = torch.arange(SHAPES.text[0]) < 2
+    save_file({schema.EMPTY_CAPTION_STATES: states, schema.EMPTY_CAPTION_MASK: mask},
+              str(tmp_path / schema.EMPTY_CAPTION_FILE))
+    empty = load_empty_caption(tmp_path)
+    assert torch.equal(empty[BATCH_TEXT_STATES], states.float()) and torch.equal(empty[BATCH_TEXT_MASK], mask)
+
+
+def test_loader_bench_reports_consistent_figures(tmp_path, capsys):
+    from bench.loader import main
+
+    out = tmp_path / "bench.json"
+    result = main(["--rows", "40", "--shards", "2", "--batch", "4", "--tokens", "8", "--epochs", "2",
+                   "--steps", "1", "--warmup", "0", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert result["batches_per_epoch"] == 10 and result["loader_batches"] == 20
+    assert result["loader_batches_per_s"] == pytest.approx(result["loader_batches"] / result["loader_s"])
+    assert result["loader_rows_per_s"] == pytest.approx(4 * result["loader_batches_per_s"])
+    assert result["ratio"] == pytest.approx(result["loader_batches_per_s"] * result["unet_step_s"])
+    printed = capsys.readouterr().out
+    assert "batches/s" in printed and "ms/step" in printed and "ratio" in printed

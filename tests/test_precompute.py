@@ -1,0 +1,285 @@
+"""Precompute stage on a real local Ray with the tiny encoders: features, drops, reruns, crashes.
+
+Input: 8 small WebDataset shards of 6 samples (64 px JPEGs of three sizes, so resize and crop both
+run) with three planted bad samples, plus one empty shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines import schema
+from pipelines.config import from_dict
+from pipelines.precompute import (DECODE_ERROR, DROP_REASON, IMAGE, LAST, MISSING_IMAGE, NON_FINITE_LATENTS,
+                                  ORDINAL, EncoderActor, FeatureMismatchError, PrecomputeConfig, decode_image,
+                                  non_finite_reasons, read_and_decode, run_precompute, write_report)
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "precompute_latents.py"
+SHARDS, PER_SHARD = 8, 6
+TRUNCATED, GARBAGE, NO_IMAGE = "00010002", "00030004", "00050001"  # planted bad samples (keys)
+EXPECTED_DROPS = {DECODE_ERROR: 2, MISSING_IMAGE: 1}
+
+
+def _jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _sample(rng: np.random.Generator, key: str, index: int) -> dict:
+    width, height = ((64, 64), (96, 64), (64, 80))[index % 3]
+    sample = {"__key__": key, "jpg": _jpeg(rng, width, height), "txt": f"a small red circle number {index}",
+              "json": {"key": key}}
+    if key == TRUNCATED:
+        sample["jpg"] = sample["jpg"][:200]
+    elif key == GARBAGE:
+        sample["jpg"] = b"<html>not an image</html>"
+    elif key == NO_IMAGE:
+        del sample["jpg"]
+    return sample
+
+
+def write_shards(root: Path, shards: int, per_shard: int, empty_last: bool = True) -> dict[str, dict]:
+    """WebDataset shards NNNNN.tar like the filter stage writes; returns the samples by key."""
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng, samples = np.random.default_rng(0), {}
+    for s in range(shards + int(empty_last)):
+        with wds.TarWriter(str(root / f"{s:05d}.tar")) as sink:
+            for i in range(per_shard if s < shards else 0):
+                sample = _sample(rng, f"{s:04d}{i:04d}", i)
+                sink.write(sample)
+                samples[sample["__key__"]] = sample
+    return samples
+
+
+def make_config(input_dir: Path, output_dir: Path, **sections) -> PrecomputeConfig:
+    values = {"input_dir": str(input_dir), "output_dir": str(output_dir), "image_size": 64,
+              "compute": {"batch_size": 4, "actors": 1}}
+    for name, section in sections.items():
+        values[name] = {**values.get(name, {}), **section} if isinstance(section, dict) else section
+    return from_dict(PrecomputeConfig, values)
+
+
+def read_rows(directory: Path) -> dict[str, dict[str, np.ndarray]]:
+    """key -> stored feature values, over every shard of a feature directory."""
+    manifest = schema.Manifest.load(directory)
+    rows = {}
+    for shard in manifest.shards:
+        table = pq.read_table(directory / shard["name"])
+        arrays = {name: schema.column_array(table, name, shape) for name, shape in (
+            (schema.LATENT_MEAN, manifest.latent_shape), (schema.LATENT_LOGVAR, manifest.latent_shape),
+            (schema.TEXT_STATES, manifest.text_shape))}
+        arrays[schema.TEXT_LENGTH] = table.column(schema.TEXT_LENGTH).to_numpy()
+        for i, key in enumerate(table.column(schema.KEY).to_pylist()):
+            assert key not in rows, f"duplicated row {key}"
+            rows[key] = {name: values[i] for name, values in arrays.items()}
+    return rows
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+    root = tmp_path_factory.mktemp("filtered")
+    return root, write_shards(root, SHARDS, PER_SHARD)
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_local, shards, tmp_path_factory):
+    """One uninterrupted run: the reference for the other tests."""
+    out = tmp_path_factory.mktemp("features")
+    cfg = make_config(shards[0], out)
+    report = run_precompute(cfg)
+    assert write_report(cfg, report) == 0, report.to_dict()
+    return out, report
+
+
+def test_features_rows_and_report(clean_run, shards):
+    out, report = clean_run
+    samples = shards[1]
+    manifest = schema.Manifest.load(out)
+    assert manifest.latent_shape == (4, 16, 16) and manifest.text_shape == (77, 64)
+    assert manifest.vae["id"] == "random:tiny:seed=0" and manifest.scaling_factor == 1.0
+    assert manifest.text_encoder["layer"] == "penultimate"
+    assert [s["name"] for s in manifest.shards] == [schema.shard_name(i) for i in range(SHARDS + 1)]
+    for shard in manifest.shards:
+        assert pq.read_metadata(out / shard["name"]).num_rows == shard["rows"]
+    assert manifest.shards[-1]["rows"] == 0  # the empty tar gives an empty, committed shard
+    good = set(samples) - {TRUNCATED, GARBAGE, NO_IMAGE}
+    assert set(read_rows(out)) == good and manifest.total_rows == len(good)
+
+    written = json.loads((out / "precompute_report.json").read_text())
+    assert written["ok"] and written["rows_in"] == SHARDS * PER_SHARD
+    assert written["rows_out"] == len(good) and written["dropped"] == EXPECTED_DROPS
+    assert written["rows_per_s"] > 0 and written["rows_per_s_per_actor_busy"] > 0
+    assert written["shards_written"] == SHARDS + 1
+
+
+def test_features_equal_direct_encoding(clean_run, shards):
+    """Stored rows are the encoders' outputs for that very sample (no rows mixed up), and the
+    empty-caption file holds text_encoder([""])."""
+    import torch
+    from safetensors.torch import load_file
+
+    from model.encoders import build_text_encoder, build_vae
+
+    out, samples = clean_run[0], shards[1]
+    vae, text = build_vae("tiny"), build_text_encoder("tiny")
+    rows = read_rows(out)
+    for key in ("00000001", "00040005", "00070003"):
+        image = torch.from_numpy(decode_image(samples[key]["jpg"], 64))[None]
+        mean, logvar = vae.encode(image)
+        states, mask = text([samples[key]["txt"]])
+        row = rows[key]
+        for name, expected in ((schema.LATENT_MEAN, mean), (schema.LATENT_LOGVAR, logvar),
+                               (schema.TEXT_STATES, states)):
+            np.testing.assert_allclose(row[name].astype(np.float32), expected[0].numpy(), atol=2e-3, rtol=2e-3)
+        assert row[schema.TEXT_LENGTH] == int(mask.sum())
+
+    empty = load_file(out / schema.EMPTY_CAPTION_FILE)
+    states, mask = text([""])
+    assert empty[schema.EMPTY_CAPTION_STATES].dtype == torch.float16
+    torch.testing.assert_close(empty[schema.EMPTY_CAPTION_STATES].float(), states[0], atol=2e-3, rtol=2e-3)
+    assert torch.equal(empty[schema.EMPTY_CAPTION_MASK], mask[0])
+
+
+def _mtimes(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in directory.iterdir()
+            if p.suffix in (".parquet", ".safetensors")}
+
+
+def test_rerun_is_a_noop(clean_run, shards):
+    out, first = clean_run
+    before = _mtimes(out)
+    report = run_precompute(make_config(shards[0], out))
+    assert _mtimes(out) == before  # no shard (nor the empty caption) rewritten
+    assert report.details["shards_written"] == 0 and report.details["shards_skipped"] == SHARDS + 1
+    assert (report.rows_in, report.rows_out, report.dropped) == (first.rows_in, first.rows_out, first.dropped)
+
+
+@pytest.mark.parametrize("change, field", [({"vae": {"seed": 1}}, "vae_id"),
+                                           ({"text": {"layer": "last"}}, "text_encoder_id")])
+def test_encoder_mismatch_on_rerun_is_an_error(clean_run, shards, change, field):
+    out = clean_run[0]
+    before = _mtimes(out)
+    with pytest.raises(FeatureMismatchError, match=field):
+        run_precompute(make_config(shards[0], out, **change))
+    assert _mtimes(out) == before
+
+
+def _run_job(out: Path, input_dir: Path, log_file: Path, address: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": address}  # join the test's cluster: no second Ray on 2 CPUs
+    args = [sys.executable, str(JOB), "--set", f"input_dir={input_dir}", "--set", f"output_dir={out}",
+            "--set", "compute.batch_size=2", "--set", "compute.read_concurrency=1"]
+    with log_file.open("wb") as log:  # a file, not a pipe: nobody drains Ray Data's progress logs
+        return subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for_first_shard(process: subprocess.Popen, out: Path, log_file: Path, timeout: float = 150.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not list(out.glob(f"{schema.SHARD_PREFIX}*{schema.SHARD_SUFFIX}")):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no shard appeared (exit {process.poll()}):\n{log_file.read_text()[-3000:]}")
+        time.sleep(0.01)
+
+
+def test_sigkill_then_rerun_gives_the_rows_of_a_clean_run(clean_run, shards, ray_local, tmp_path):
+    reference, input_dir = clean_run[0], shards[0]
+    out, log_file = tmp_path / "features", tmp_path / "job.log"
+    address = ray_local.get_runtime_context().gcs_address
+    process = _run_job(out, input_dir, log_file, address)
+    _wait_for_first_shard(process, out, log_file)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / schema.MANIFEST_FILE).exists(), "the job finished before the kill: nothing was tested"
+    stale = out / ".part-00007.parquet.tmp-killed"  # what a kill during a write leaves behind
+    stale.write_bytes(b"PAR1 half a file")
+
+    cfg = make_config(input_dir, out)  # the rerun in process: what the job runs, minus a second start-up
+    rerun = run_precompute(cfg)
+    assert write_report(cfg, rerun) == 0
+    assert 1 <= rerun.details["shards_skipped"] <= SHARDS  # the killed run's shards were kept
+    assert not stale.exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    expected, got = read_rows(reference), read_rows(out)
+    assert sorted(got) == sorted(expected)
+    for key, row in expected.items():
+        for name, values in row.items():
+            np.testing.assert_allclose(got[key][name].astype(np.float32), values.astype(np.float32), atol=2e-3)
+    report = json.loads((out / "precompute_report.json").read_text())
+    assert report["rows_in"] == SHARDS * PER_SHARD and report["dropped"] == EXPECTED_DROPS
+    assert schema.Manifest.load(out).shards == schema.Manifest.load(reference).shards
+
+
+def test_non_finite_latents_are_dropped_not_fatal(tmp_path):
+    """The real reader and encoder actor (in process) with a diffusers VAE directory whose posterior
+    mean overflows float16: those rows get a drop reason instead of crashing the batch. (How drop
+    reasons are counted and kept out of the shards is covered by the stage run above.)"""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from model.encoders import tiny_vae_config
+    from pipelines.config import to_dict
+
+    vae = AutoencoderKL.from_config(tiny_vae_config())
+    with torch.no_grad():
+        vae.quant_conv.weight.mul_(1e8)  # |mean| ~ 1e8 > float16 max; diffusers clamps logvar
+    vae.save_pretrained(tmp_path / "vae")
+    input_dir = tmp_path / "in"
+    write_shards(input_dir, shards=1, per_shard=3, empty_last=False)
+    cfg = make_config(input_dir, tmp_path / "out", vae={"source": str(tmp_path / "vae")})
+
+    shard = {"shard": np.array([0]), "name": np.array(["00000.tar"], dtype=object)}
+    (batch,) = read_and_decode(shard, str(input_dir), image_size=64, chunk=8)
+    assert batch[ORDINAL].tolist() == [0, 1, 2] and batch[LAST].tolist() == [False, False, True]
+    batch[DROP_REASON][0] = DECODE_ERROR  # a row the reader already dropped is passed through
+    actor = EncoderActor(to_dict(cfg))
+    assert actor.vae.id.startswith("diffusers:")
+    out = actor(batch)
+    assert out[DROP_REASON].tolist() == [DECODE_ERROR, NON_FINITE_LATENTS, NON_FINITE_LATENTS]
+    assert IMAGE not in out and out[schema.LATENT_MEAN].shape == (3, 4, 16, 16)
+
+
+def test_non_finite_check_counts_float16_overflow():
+    latent = np.zeros((4, 2, 3, 3), np.float32)
+    latent[1, 0, 0, 0] = np.nan
+    latent[2, 1, 2, 2] = 1e5  # finite in float32, inf once stored as float16
+    text = np.zeros((4, 5, 8), np.float32)
+    text[3, 4, 7] = np.inf
+    features = {schema.LATENT_MEAN: latent.astype(np.float16), schema.LATENT_LOGVAR: np.zeros_like(latent),
+                schema.TEXT_STATES: text.astype(np.float16)}
+    assert non_finite_reasons(features).tolist() == ["", NON_FINITE_LATENTS, NON_FINITE_LATENTS,
+                                                     "non_finite_text"]
+
+
+def test_decode_image_resizes_and_center_crops():
+    rng = np.random.default_rng(1)
+    image = decode_image(_jpeg(rng, 96, 48), 32)
+    assert image.shape == (3, 32, 32) and image.dtype == np.float32
+    assert -1.0 <= image.min() and image.max() <= 1.0
+    with pytest.raises(Exception):
+        decode_image(b"not an image", 32)
+
+
+def test_job_help_and_config_errors():
+    result = subprocess.run([sys.executable, str(JOB), "--help"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and "output_dir" in result.stdout
+    bad = subprocess.run([sys.executable, str(JOB), "--set", "input_dir=/x", "--set", "output_dir=/y",
+                          "--set", "compute.dtype=fp8"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "compute.dtype" in bad.stderr
