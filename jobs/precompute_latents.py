@@ -10,7 +10,7 @@ examples:
   python jobs/precompute_latents.py --set input_dir=... --set output_dir=... \\
       --set vae.source=/models/sd-vae --set text.model=ViT-H-14 --set text.weights=/models/clip.bin \\
       --set image_size=256 --set compute.num_gpus_per_actor=1 --set compute.actors=4
-  ray job submit --working-dir . -- python jobs/precompute_latents.py --config configs/tiny-cpu.yaml
+  ray job submit --working-dir . -- python jobs/precompute_latents.py --config configs/tiny/precompute.yaml
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ Restart rule: a shard is done when its NNNNN_stats.json parses and its .tar and 
 never duplicates samples. A finished shard whose row count differs from the plan means the output
 folder belongs to another URL list or shard size: that is an error, never silently mixed.
 
-Multi-node: `output_dir` must be the same path on every node (shared storage: NFS, EFS, Lustre...).
+Multi-node: `output_dir` must be the same path on every node (shared storage: NFS, EFS, Lustre...)
+or a URI (s3://...): img2dataset writes through fsspec, and this module through pipelines/storage.
 The URL list travels to the tasks through Ray's object store, so only the driver must read it.
 After each shard the driver checks that the shard's stats file is visible to it, which catches an
 `output_dir` that is not actually shared.
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -46,13 +46,14 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
+from pipelines import storage
 from pipelines.config import from_dict, to_dict
 from pipelines.runtime import StageReport, init_ray
 
@@ -75,7 +76,7 @@ class DownloadError(ValueError):
 @dataclass(frozen=True)
 class DownloadConfig:
     url_list: str = ""  # parquet (file or folder), csv, tsv or jsonl; a path or fsspec URI
-    output_dir: str = ""  # shards go here; a path every node sees (shared storage on a cluster)
+    output_dir: str = ""  # shards go here; a path every node sees (shared storage) or a URI
     url_col: str = "url"
     caption_col: str = "caption"
     extra_columns: list[str] | None = None  # copied into each sample's .json; None: every other column
@@ -104,8 +105,8 @@ def validate_config(cfg: DownloadConfig) -> DownloadConfig:
         problems.append("url_list is required (--set url_list=PATH)")
     if not cfg.output_dir:
         problems.append("output_dir is required (--set output_dir=PATH)")
-    elif "://" in cfg.output_dir and not cfg.output_dir.startswith("file://"):
-        problems.append(f"output_dir {cfg.output_dir!r}: use a filesystem path (a shared mount on a cluster)")
+    elif storage.is_uri(cfg.output_dir):
+        problems += _fsspec_problems(cfg.output_dir)
     if cfg.resize_mode not in RESIZE_MODES:
         problems.append(f"resize_mode {cfg.resize_mode!r} is not one of {RESIZE_MODES}")
     if cfg.encode_format not in ENCODE_FORMATS:
@@ -122,8 +123,17 @@ def validate_config(cfg: DownloadConfig) -> DownloadConfig:
         problems.append(f"cpus_per_task must be > 0, got {cfg.cpus_per_task}")
     if problems:
         raise DownloadError("; ".join(problems))
-    output_dir = os.path.abspath(cfg.output_dir.removeprefix("file://"))
-    return dataclasses.replace(cfg, output_dir=output_dir)
+    return dataclasses.replace(cfg, output_dir=storage.absolute(cfg.output_dir))
+
+
+def _fsspec_problems(uri: str) -> list[str]:
+    """img2dataset opens output_dir with fsspec: its protocol must have an installed implementation."""
+    protocol = uri.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as err:
+        return [f"output_dir {uri!r}: img2dataset writes through fsspec, which cannot open {protocol}:// ({err})"]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,18 +145,19 @@ def _read_table(url_list: str) -> pa.Table:
     import pyarrow.json as pa_json
     import pyarrow.parquet as pq
 
-    fs, path = fsspec.core.url_to_fs(url_list)
-    if not fs.exists(path):
+    kind = storage.file_type(url_list)
+    if kind == pafs.FileType.NotFound:
         raise DownloadError(f"url_list {url_list} not found")
-    name = path.rstrip("/").lower()
-    if fs.isdir(path) or name.endswith(".parquet"):
+    name = url_list.rstrip("/").lower()
+    if kind == pafs.FileType.Directory or name.endswith(".parquet"):
+        fs, path = storage.resolve(url_list)
         return pq.read_table(path, filesystem=fs)
     readers = {".csv": lambda f: pa_csv.read_csv(f),
                ".tsv": lambda f: pa_csv.read_csv(f, parse_options=pa_csv.ParseOptions(delimiter="\t")),
                ".jsonl": lambda f: pa_json.read_json(f)}
     for suffix, reader in readers.items():
         if name.endswith(suffix):
-            with fs.open(path, "rb") as file:
+            with storage.open_input(url_list) as file:
                 return reader(file)
     raise DownloadError(f"url_list {url_list}: unknown format (use .parquet, .csv, .tsv or .jsonl)")
 
@@ -196,17 +207,17 @@ def plan_shards(num_rows: int, per_shard: int) -> list[Shard]:
 
 
 def shard_files(output_dir: str, shard: Shard) -> dict[str, str]:
-    stem = f"{output_dir}/{shard.name}"
+    stem = storage.join(output_dir, shard.name)
     return {"tar": f"{stem}.tar", "parquet": f"{stem}.parquet", "stats": f"{stem}_stats.json"}
 
 
 def read_stats(output_dir: str, shard: Shard) -> dict[str, Any] | None:
     """img2dataset's stats for a finished shard, or None when the shard is not done."""
     files = shard_files(output_dir, shard)
-    if not all(os.path.isfile(path) for path in files.values()):
+    if not all(storage.is_file(path) for path in files.values()):
         return None
     try:
-        stats = json.loads(Path(files["stats"]).read_text())
+        stats = storage.read_json(files["stats"])
     except (OSError, ValueError):  # cut short by a crash while it was written
         return None
     if not isinstance(stats, dict) or not isinstance(stats.get("status_dict"), dict):
@@ -221,8 +232,7 @@ def read_stats(output_dir: str, shard: Shard) -> dict[str, Any] | None:
 
 def remove_shard_files(output_dir: str, shard: Shard) -> None:
     for path in shard_files(output_dir, shard).values():
-        if os.path.exists(path):
-            os.remove(path)
+        storage.remove(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +261,7 @@ def _make_downloader(cfg: DownloadConfig, column_list: list[str], shard_name_dig
 
 def _download_one(downloader, cfg: DownloadConfig, table: pa.Table, shard: Shard, tmp_dir: str) -> dict:
     remove_shard_files(cfg.output_dir, shard)  # leftovers of an interrupted attempt (a half-written tar)
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    storage.makedirs(cfg.output_dir)
     # img2dataset's worker reads its rows from an Arrow file; a task-local one needs no shared storage.
     rows_file = os.path.join(tmp_dir, f"{shard.name}.arrow")
     with pa.OSFile(rows_file, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -434,7 +444,7 @@ def run_download(cfg: DownloadConfig) -> tuple[StageReport, str]:
     if table.num_rows == 0:
         raise DownloadError(f"url_list {cfg.url_list} has no rows")
     shards = plan_shards(table.num_rows, cfg.number_sample_per_shard)
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    storage.makedirs(cfg.output_dir)
     done = [s.name for s in shards if read_stats(cfg.output_dir, s) is not None]
     done_names = set(done)
     pending = [s for s in shards if s.name not in done_names]
@@ -444,4 +454,4 @@ def run_download(cfg: DownloadConfig) -> tuple[StageReport, str]:
     if pending:  # a rerun with every shard done never starts Ray
         init_ray()
         runner.run()
-    return summarize(report, cfg, shards, done, runner), os.path.join(cfg.output_dir, REPORT_FILE)
+    return summarize(report, cfg, shards, done, runner), storage.join(cfg.output_dir, REPORT_FILE)

@@ -16,7 +16,7 @@ Three passes, so that deduplication is global across shards and names are determ
    scheduled the scan. Records are ~300 bytes a row, so ~10M rows need ~3 GB on the driver;
    beyond that, exact dedup would move to a Ray Data groupby on sha256.
 3. write (Ray Data, one task per input shard): kept samples go to `<output>/.staging-<id>/NAME.tar`
-   (written as `.NAME.tar.tmp`, then renamed). The driver then commits: it removes the old report,
+   (committed atomically: pipelines/storage.py). The driver then commits: it removes the old report,
    moves staged shards into place, deletes other `.tar` files there, and the caller writes the new
    report last. All writes go to the output folder through pyarrow filesystems, so on a cluster it
    must be shared storage (a path mounted on every node, or an s3://-style URI).
@@ -49,12 +49,14 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from PIL import Image, ImageOps
 
+from pipelines import storage
 from pipelines.config import ConfigError, from_dict, to_dict
 from pipelines.runtime import StageReport
 
 log = logging.getLogger("latentforge.filter")
 
 REPORT_FILE = "filter_report.json"
+STAGING_PREFIX = ".staging-"  # <output>/.staging-<id>/: one run's shards until the commit
 STAGE = "filter"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -151,35 +153,7 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-# ------------------------------------------------------------------------------- storage helpers
-
-def _absolute(uri: str) -> str:
-    """Local paths become absolute in the driver: Ray workers run in other working directories."""
-    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
-
-
-def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(uri)
-
-
-def _join(uri: str, name: str) -> str:
-    return uri.rstrip("/") + "/" + name
-
-
-def _list_files(uri: str) -> dict[str, pafs.FileInfo]:
-    fs, root = _fs(uri)
-    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    return {info.base_name: info for info in infos if info.type == pafs.FileType.File}
-
-
-def _read_json(uri: str) -> dict | None:
-    fs, path = _fs(uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, OSError, ValueError):
-        return None
-
+# ------------------------------------------------------------------------------- inputs
 
 @dataclass(frozen=True)
 class InputShards:
@@ -189,9 +163,9 @@ class InputShards:
 
 def list_input_shards(input_dir: str) -> InputShards:
     """Tars with their `_stats.json` are finished; hidden files (others' temporaries) are ignored."""
-    files = _list_files(input_dir)
+    files = storage.list_files(input_dir)
     finished, unfinished = [], []
-    for name in sorted(n for n in files if n.endswith(".tar") and not n.startswith(".")):
+    for name in (n for n in files if n.endswith(".tar")):
         if f"{name[:-4]}_stats.json" in files:
             finished.append((name, files[name].size, files[name].mtime_ns or 0))
         else:
@@ -203,14 +177,13 @@ def check_inputs(cfg: FilterConfig) -> FilterConfig:
     """Driver-side checks before any Ray work; returns the config with absolute local paths."""
     _require(bool(cfg.input_dir), "input_dir is required (the download stage's output folder)")
     _require(bool(cfg.output_dir), "output_dir is required")
-    cfg = replace(cfg, input_dir=_absolute(cfg.input_dir), output_dir=_absolute(cfg.output_dir))
+    # absolute in the driver: Ray workers run in other working directories
+    cfg = replace(cfg, input_dir=storage.absolute(cfg.input_dir), output_dir=storage.absolute(cfg.output_dir))
     _require(cfg.input_dir.rstrip("/") != cfg.output_dir.rstrip("/"),
              "output_dir must differ from input_dir (the output folder is overwritten)")
-    fs, path = _fs(cfg.input_dir)
-    _require(fs.get_file_info(path).type == pafs.FileType.Directory,
-             f"input_dir {cfg.input_dir} is not a directory")
+    _require(storage.is_dir(cfg.input_dir), f"input_dir {cfg.input_dir} is not a directory")
     if cfg.clip.enabled:
-        weights = _absolute(cfg.clip.weights)
+        weights = storage.absolute(cfg.clip.weights)
         _require(os.path.isfile(weights), f"clip.weights {weights} is not a file")
         cfg = replace(cfg, clip=replace(cfg.clip, weights=weights))
     return cfg
@@ -225,8 +198,7 @@ def iter_samples(uri: str) -> Iterator[dict[str, Any]]:
     """Samples of one tar in file order: {"__key__", "__mtime__", ext: bytes}. A member group
     is a sample; a key that comes back later is a new sample (decide() drops the repeat).
     A damaged tar raises tarfile.TarError / OSError after the samples read so far."""
-    fs, path = _fs(uri)
-    with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+    with storage.open_input(uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
         current: dict[str, Any] | None = None
         for member in tar:
             match = _NAME.match(member.name) if member.isreg() else None
@@ -357,7 +329,7 @@ def scan_shards(batch: dict[str, np.ndarray], cfg: dict) -> Iterator[pa.Table]:
     for name in batch["name"]:
         records: list[dict] = []
         try:
-            for idx, sample in enumerate(iter_samples(_join(config.input_dir, name))):
+            for idx, sample in enumerate(iter_samples(storage.join(config.input_dir, name))):
                 records.append({**analyze(sample, config), "idx": idx})
                 if len(records) == 512:
                     yield _records_table(name, records, config.clip.enabled)
@@ -521,14 +493,10 @@ def decide(records: pa.Table, dedup: DedupConfig) -> list[str]:
 # ------------------------------------------------------------------------------- write pass
 
 def write_shard(input_uri: str, output_uri: str, keep: set[int]) -> int:
-    """Copy the samples at positions `keep` (original bytes, members sorted by extension) into
-    a temporary name next to `output_uri`, then rename it: readers never see a partial tar."""
-    fs, path = _fs(output_uri)
-    tmp = path.rsplit("/", 1)[0] + f"/.{path.rsplit('/', 1)[-1]}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
-        rows = _copy_samples(input_uri, tar, keep)
-    fs.move(tmp, path)
-    return rows
+    """Copy the samples at positions `keep` (original bytes, members sorted by extension) to
+    `output_uri`, committed atomically: readers never see a partial tar."""
+    with storage.atomic_output(output_uri) as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
+        return _copy_samples(input_uri, tar, keep)
 
 
 def _copy_samples(input_uri: str, tar: tarfile.TarFile, keep: set[int]) -> int:
@@ -551,7 +519,7 @@ def _copy_samples(input_uri: str, tar: tarfile.TarFile, keep: set[int]) -> int:
 def write_shards(batch: dict[str, np.ndarray], cfg: dict, staging: str) -> dict[str, np.ndarray]:
     """Ray Data UDF: one write_shard per row of (name, keep positions)."""
     config = from_dict(FilterConfig, cfg)
-    rows = [write_shard(_join(config.input_dir, name), _join(staging, name), set(keep.tolist()))
+    rows = [write_shard(storage.join(config.input_dir, name), storage.join(staging, name), set(keep.tolist()))
             for name, keep in zip(batch["name"], batch["keep"])]
     return {"name": batch["name"], "rows": np.asarray(rows, np.int64)}
 
@@ -569,7 +537,7 @@ def run_write(cfg: FilterConfig, plan: dict[str, list[int]], staging: str) -> di
 # ------------------------------------------------------------------------------- orchestration
 
 def report_path(cfg: FilterConfig) -> str:
-    return _join(_absolute(cfg.output_dir), REPORT_FILE)
+    return storage.join(cfg.output_dir, REPORT_FILE)
 
 
 def fingerprint(cfg: FilterConfig, inputs: InputShards) -> str:
@@ -585,13 +553,21 @@ def fingerprint(cfg: FilterConfig, inputs: InputShards) -> str:
 
 def committed_report(cfg: FilterConfig, fp: str) -> dict | None:
     """The committed report when it says ok, matches `fp`, and all its shards are present."""
-    old = _read_json(report_path(cfg))
+    old = _read_report(report_path(cfg))
     if not old or not old.get("ok") or old.get("fingerprint") != fp:
         return None
-    present = _list_files(cfg.output_dir)
+    present = storage.list_files(cfg.output_dir)
     if any(s["name"] not in present for s in old.get("output_shards", [])):
         return None
     return old
+
+
+def _read_report(location: str) -> dict | None:
+    """The report there, or None when there is none or it is unreadable (cut short, not JSON)."""
+    try:
+        return storage.read_json(location)
+    except (FileNotFoundError, OSError, ValueError):
+        return None
 
 
 def _noop_report(old: dict) -> StageReport:
@@ -606,25 +582,24 @@ def _noop_report(old: dict) -> StageReport:
 
 def _remove_staging_dirs(output_dir: str) -> None:
     """Staging folders of crashed runs (one run per output folder, so none is live)."""
-    fs, root = _fs(output_dir)
-    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        if info.type == pafs.FileType.Directory and info.base_name.startswith(".staging-"):
-            fs.delete_dir(info.path)
+    for name, info in storage.list_dir(output_dir).items():
+        if info.type == pafs.FileType.Directory and name.startswith(STAGING_PREFIX):
+            storage.remove_dir(storage.join(output_dir, name))
 
 
 def commit(cfg: FilterConfig, staging: str, written: dict[str, int]) -> None:
     """Replace the output folder's shards with the staged ones. The old report goes first, so
     from here until the caller writes the new report the folder reads as unfinished."""
-    fs, out = _fs(cfg.output_dir)
-    _, staged = _fs(staging)
-    if fs.get_file_info(f"{out}/{REPORT_FILE}").type == pafs.FileType.File:
-        fs.delete_file(f"{out}/{REPORT_FILE}")
+    fs, out = storage.resolve(cfg.output_dir)
+    _, staged = storage.resolve(staging)
+    storage.remove(report_path(cfg))
     for name in sorted(written):
-        fs.move(f"{staged}/{name}", f"{out}/{name}")  # a rename on local and shared POSIX storage
-    for name in _list_files(cfg.output_dir):
-        if name.endswith(".tar") and name not in written:
-            fs.delete_file(f"{out}/{name}")
-    fs.delete_dir(staged)
+        # a rename on local and shared POSIX storage; on object stores a copy of a complete object
+        fs.move(f"{staged}/{name}", f"{out}/{name}")
+    for name in storage.list_files(cfg.output_dir, suffix=".tar"):
+        if name not in written:
+            storage.remove(storage.join(cfg.output_dir, name))
+    storage.remove_dir(staging)
 
 
 def _tally(report: StageReport, records: pa.Table, reasons: list[str]) -> dict[str, list[int]]:
@@ -700,15 +675,13 @@ def run_filter(cfg: FilterConfig) -> StageReport:
 
 
 def _write_and_commit(cfg: FilterConfig, plan: dict[str, list[int]]) -> dict[str, int]:
-    fs, out = _fs(cfg.output_dir)
-    fs.create_dir(out, recursive=True)
+    storage.makedirs(cfg.output_dir)
     _remove_staging_dirs(cfg.output_dir)
-    name = f".staging-{uuid.uuid4().hex[:12]}"
-    fs.create_dir(f"{out}/{name}")
+    staging = storage.join(cfg.output_dir, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
+    storage.makedirs(staging)
     try:
-        written = run_write(cfg, plan, _join(cfg.output_dir, name))
-        commit(cfg, _join(cfg.output_dir, name), written)
+        written = run_write(cfg, plan, staging)
+        commit(cfg, staging, written)
     finally:
-        if fs.get_file_info(f"{out}/{name}").type == pafs.FileType.Directory:
-            fs.delete_dir(f"{out}/{name}")
+        storage.remove_dir(staging)
     return written

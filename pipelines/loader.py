@@ -24,19 +24,17 @@ No Ray here: this runs inside Ray Train workers and on machines with only torch 
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
 from model.encoders import FrozenVAE
-from pipelines import schema
+from pipelines import schema, storage
 from pipelines.schema import Manifest
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -68,27 +66,9 @@ def _torch_generator(*parts: int) -> torch.Generator:
 # --------------------------------------------------------------------------------------------
 
 
-def _filesystem(directory: str | Path) -> tuple[pafs.FileSystem, str]:
-    """A local path or any pyarrow URI (s3://, gs://, hdfs://...) -> (filesystem, path in it)."""
-    if "://" in str(directory):
-        fs, path = pafs.FileSystem.from_uri(str(directory))
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), str(Path(directory).resolve())
-
-
-def _read_file(fs: pafs.FileSystem, path: str, what: str) -> bytes:
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        raise FileNotFoundError(f"{path} not found: {what}")
-    with fs.open_input_file(path) as f:
-        return f.read()
-
-
 def read_manifest(directory: str | Path) -> Manifest:
-    """The manifest of a finished feature directory (local path or URI); clear error if absent."""
-    fs, root = _filesystem(directory)
-    raw = _read_file(fs, f"{root}/{schema.MANIFEST_FILE}", f"{directory} is not a finished feature "
-                     f"directory (run jobs/precompute_latents.py first)")
-    manifest = Manifest.from_dict(json.loads(raw))
+    """The manifest of a finished feature directory (local path or URI) that lists some rows."""
+    manifest = Manifest.load(directory)
     if manifest.total_rows <= 0:
         raise ValueError(f"{directory}/{schema.MANIFEST_FILE} lists no rows: nothing to train on")
     return manifest
@@ -130,10 +110,11 @@ def load_empty_caption(directory: str | Path, manifest: Manifest | None = None) 
     from safetensors.torch import load as load_safetensors
 
     manifest = manifest or read_manifest(directory)
-    fs, root = _filesystem(directory)
-    path = f"{root}/{manifest.empty_caption_file}"
-    tensors = load_safetensors(_read_file(fs, path, "the feature directory has no empty-caption "
-                                          "embedding (needed for classifier-free guidance)"))
+    path = storage.join(directory, manifest.empty_caption_file)
+    if not storage.is_file(path):
+        raise FileNotFoundError(f"{path} not found: the feature directory has no empty-caption embedding "
+                                f"(needed for classifier-free guidance)")
+    tensors = load_safetensors(storage.read_bytes(path))
     missing = sorted({schema.EMPTY_CAPTION_STATES, schema.EMPTY_CAPTION_MASK} - set(tensors))
     if missing:
         raise ValueError(f"{path}: missing tensor(s) {missing}; it holds {sorted(tensors)}")
@@ -228,7 +209,7 @@ class FeatureLoader:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.directory, self.cfg, self.rank, self.world_size = str(directory), cfg, rank, world_size
         self.manifest = manifest or read_manifest(directory)
-        self._fs, self._root = _filesystem(directory)
+        self._fs, self._root = storage.resolve(directory)
         self._shard_rows = np.array([int(s["rows"]) for s in self.manifest.shards], dtype=np.int64)
         if self.batches_per_epoch == 0:
             raise ValueError(f"{self.num_rows} rows over {world_size} ranks leave {self.rows_per_rank} per "

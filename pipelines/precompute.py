@@ -33,14 +33,13 @@ Why this shape:
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
-import os
 import struct
 import tarfile
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +47,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines import schema
+from pipelines import schema, storage
 from pipelines.config import from_dict, to_dict
 from pipelines.runtime import StageReport, finish
 
@@ -124,62 +122,22 @@ class PrecomputeConfig:
             raise ValueError(f"compute.dtype must be one of {DTYPES}, got {c.dtype!r}")
         if c.actors < 1 or c.batch_size < 1 or c.read_concurrency < 1:
             raise ValueError("compute.actors, compute.batch_size and compute.read_concurrency must be >= 1")
-        if self.vae.source != "tiny" and not _is_uri(self.vae.source) and not Path(self.vae.source).is_dir():
+        if self.vae.source != "tiny" and not storage.is_uri(self.vae.source) and not Path(self.vae.source).is_dir():
             raise ValueError(f"vae.source: {self.vae.source!r} is neither 'tiny' nor a local diffusers directory")
         if self.text.weights and not Path(self.text.weights).expanduser().is_file():
             raise ValueError(f"text.weights: file {self.text.weights!r} not found")
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
-# --------------------------------------------------------------------------------------------
-# storage: local paths and URIs through one pyarrow filesystem API
-# --------------------------------------------------------------------------------------------
-
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A local path or a URI (s3://, gs://, ...) -> (filesystem, path inside it)."""
-    if _is_uri(uri):
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-
-
-def list_input_shards(input_dir: str) -> list[str]:
-    """Names of the *.tar files directly in input_dir, sorted: their positions are the shard indices."""
-    fs, root = resolve(input_dir)
-    info = fs.get_file_info(root)
-    if info.type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"input_dir {input_dir} is not a directory")
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
-    return sorted(i.base_name for i in infos if i.is_file and i.base_name.endswith(".tar"))
-
-
-def _write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    tmp = _temp_name(path)
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, path)
-
-
-def _temp_name(path: str) -> str:
-    # Hidden, unique, and recognisable by remove_temporaries() after a crash.
-    head, name = path.rsplit("/", 1)
-    return f"{head}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
-
-
-def remove_temporaries(fs: pafs.FileSystem, root: str) -> int:
-    """Delete the temporary files a killed run left behind; returns how many."""
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
-    stale = [i.path for i in infos if i.is_file and i.base_name.startswith(".") and ".tmp-" in i.base_name]
-    for path in stale:
-        fs.delete_file(path)
-    return len(stale)
-
-
 # --------------------------------------------------------------------------------------------
 # reading and decoding (CPU tasks)
 # --------------------------------------------------------------------------------------------
+
+def list_input_shards(input_dir: str) -> list[str]:
+    """Names of the *.tar files directly in input_dir, sorted: their positions are the shard indices."""
+    if not storage.is_dir(input_dir):
+        raise FileNotFoundError(f"input_dir {input_dir} is not a directory")
+    return list(storage.list_files(input_dir, suffix=".tar"))
+
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """Encoded image -> (3, size, size) float32 in [-1, 1]: short side resized to `size`, center crop.
@@ -267,11 +225,10 @@ def _stack(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 def read_and_decode(batch: dict[str, np.ndarray], input_dir: str, image_size: int,
                     chunk: int) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data generator UDF: rows (shard index, tar name) -> decoded sample batches of <= chunk rows."""
-    fs, root = resolve(input_dir)
     for shard, name in zip(batch["shard"], batch["name"]):
         rows = []
         try:
-            with fs.open_input_stream(f"{root}/{name}") as stream:
+            with storage.open_input(storage.join(input_dir, name)) as stream:
                 for ordinal, ((key, files), last) in enumerate(_with_last_flag(tar_samples(stream))):
                     row = sample_row(key, files, image_size)
                     rows.append({**row, SHARD: shard, ORDINAL: ordinal, LAST: last})
@@ -412,23 +369,21 @@ def run_spec(cfg: PrecomputeConfig, info: EncoderInfo) -> dict[str, Any]:
             "latent_shape": list(info.latent_shape), "text_shape": list(info.text_shape)}
 
 
-def read_provenance(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
-    with fs.open_input_file(path) as f:
-        metadata = pq.read_schema(f).metadata or {}
+def read_provenance(location: str) -> dict[str, Any]:
+    fs, path = storage.resolve(location)
+    metadata = pq.read_schema(path, filesystem=fs).metadata or {}
     if schema.SHARD_PROVENANCE_KEY not in metadata:
-        raise FeatureMismatchError(f"{path} has no precompute provenance: it was not written by this stage")
+        raise FeatureMismatchError(f"{location} has no precompute provenance: it was not written by this stage")
     return json.loads(metadata[schema.SHARD_PROVENANCE_KEY])
 
 
-def finished_shards(fs: pafs.FileSystem, root: str) -> dict[int, dict[str, Any]]:
+def finished_shards(output_dir: str) -> dict[int, dict[str, Any]]:
     """{shard index: provenance} of every committed feature shard in the output directory."""
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
     found = {}
-    for info in infos:
-        name = info.base_name
-        if info.is_file and name.startswith(schema.SHARD_PREFIX) and name.endswith(schema.SHARD_SUFFIX):
+    for name in storage.list_files(output_dir, suffix=schema.SHARD_SUFFIX):
+        if name.startswith(schema.SHARD_PREFIX):
             index = int(name[len(schema.SHARD_PREFIX):-len(schema.SHARD_SUFFIX)])
-            found[index] = read_provenance(fs, info.path)
+            found[index] = read_provenance(storage.join(output_dir, name))
     return found
 
 
@@ -437,7 +392,7 @@ def _differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
 
 
 def check_compatible(spec: dict[str, Any], inputs: list[str], finished: dict[int, dict[str, Any]],
-                     fs: pafs.FileSystem, root: str, output_dir: str) -> None:
+                     output_dir: str) -> None:
     """Raise FeatureMismatchError when existing outputs were made differently (encoders, size, inputs)."""
     problems = []
     for index, provenance in sorted(finished.items()):
@@ -446,9 +401,9 @@ def check_compatible(spec: dict[str, Any], inputs: list[str], finished: dict[int
         if provenance.get("source") != source:
             problems.append(f"{schema.shard_name(index)} was made from {provenance.get('source')!r}, "
                             f"the input shard at that position is now {source!r}")
-    manifest_path = f"{root}/{schema.MANIFEST_FILE}"
-    if fs.get_file_info(manifest_path).is_file:
-        manifest = json.loads(_read_bytes(fs, manifest_path))
+    manifest_path = storage.join(output_dir, schema.MANIFEST_FILE)
+    if storage.is_file(manifest_path):
+        manifest = storage.read_json(manifest_path)
         found = {"format_version": manifest.get("format_version"), "image_size": manifest.get("image_size"),
                  "vae_id": manifest.get("vae", {}).get("id"),
                  "text_encoder_id": manifest.get("text_encoder", {}).get("id"),
@@ -462,33 +417,28 @@ def check_compatible(spec: dict[str, Any], inputs: list[str], finished: dict[int
             f"original encoder settings.")
 
 
-def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
 def safetensors_metadata(data: bytes) -> dict[str, str]:
     """The __metadata__ of a safetensors blob (8-byte little-endian header length, then JSON)."""
     (length,) = struct.unpack("<Q", data[:8])
     return json.loads(data[8:8 + length]).get("__metadata__", {})
 
 
-def write_empty_caption(fs: pafs.FileSystem, root: str, info: EncoderInfo) -> None:
+def write_empty_caption(output_dir: str, info: EncoderInfo) -> None:
     """Store the empty caption's states + mask once; an existing file must come from the same encoder."""
     import torch
     from safetensors.torch import save
 
-    path = f"{root}/{schema.EMPTY_CAPTION_FILE}"
+    path = storage.join(output_dir, schema.EMPTY_CAPTION_FILE)
     text_id = info.text_encoder["id"]
-    if fs.get_file_info(path).is_file:
-        found = safetensors_metadata(_read_bytes(fs, path)).get("text_encoder_id")
+    if storage.is_file(path):
+        found = safetensors_metadata(storage.read_bytes(path)).get("text_encoder_id")
         if found != text_id:
             raise FeatureMismatchError(f"{path} was made by text encoder {found!r}, config gives {text_id!r}")
         return
     blob = save({schema.EMPTY_CAPTION_STATES: torch.from_numpy(info.empty_states.copy()),  # (L, D) float16
                  schema.EMPTY_CAPTION_MASK: torch.from_numpy(info.empty_mask.copy())},  # (L,) bool
                 metadata={"text_encoder_id": text_id})
-    _write_atomic(fs, path, blob)
+    storage.write_bytes(path, blob)
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,9 +448,9 @@ def write_empty_caption(fs: pafs.FileSystem, root: str, info: EncoderInfo) -> No
 class _ShardAssembler:
     """Collects encoded rows per input shard and commits each shard once all its rows have arrived."""
 
-    def __init__(self, fs: pafs.FileSystem, root: str, inputs: list[str],
+    def __init__(self, output_dir: str, inputs: list[str],
                  prepare: Callable[[], tuple[dict[str, Any], schema.FeatureShapes]]) -> None:
-        self.fs, self.root, self.inputs, self.prepare = fs, root, inputs, prepare
+        self.output_dir, self.inputs, self.prepare = output_dir, inputs, prepare
         self.spec: dict[str, Any] | None = None
         self.shapes: schema.FeatureShapes | None = None
         self.parts: dict[int, list[dict[str, np.ndarray]]] = {}
@@ -546,10 +496,9 @@ class _ShardAssembler:
                       "rows": int(kept.sum()), "dropped": dict(Counter(reasons[~kept].tolist()))}
         table = self._table(rows, kept).replace_schema_metadata(
             {schema.SHARD_PROVENANCE_KEY: json.dumps(provenance).encode()})
-        path = f"{self.root}/{schema.shard_name(shard)}"
-        tmp = _temp_name(path)
-        pq.write_table(table, tmp, filesystem=self.fs, **schema.PARQUET_WRITE_OPTIONS)
-        self.fs.move(tmp, path)  # the commit: the final name appears only when the file is complete
+        # the commit: the final name appears only when the file is complete
+        with storage.atomic_output(storage.join(self.output_dir, schema.shard_name(shard))) as stream:
+            pq.write_table(table, stream, **schema.PARQUET_WRITE_OPTIONS)
         self.committed.append({"index": shard, **provenance})
         self.done.add(shard)
         log.info("committed %s: %d rows (%d dropped) from %s", schema.shard_name(shard), provenance["rows"],
@@ -637,14 +586,14 @@ def _fill_report(report: StageReport, finished: dict[int, dict[str, Any]], writt
         report.fail("no rows left after precompute (every row was dropped)")
 
 
-def prepare_output(cfg: PrecomputeConfig, info: EncoderInfo, inputs: list[str], fs: pafs.FileSystem,
-                   root: str) -> tuple[dict[str, Any], schema.FeatureShapes]:
+def prepare_output(cfg: PrecomputeConfig, info: EncoderInfo,
+                   inputs: list[str]) -> tuple[dict[str, Any], schema.FeatureShapes]:
     """Before the first commit: existing outputs must match (else FeatureMismatchError, nothing
     written), a killed run's temporary files go, the empty caption is stored."""
     spec = run_spec(cfg, info)
-    check_compatible(spec, inputs, finished_shards(fs, root), fs, root, cfg.output_dir)
-    removed = remove_temporaries(fs, root)
-    write_empty_caption(fs, root, info)
+    check_compatible(spec, inputs, finished_shards(cfg.output_dir), cfg.output_dir)
+    removed = storage.remove_temporaries(cfg.output_dir)
+    write_empty_caption(cfg.output_dir, info)
     log.info("output %s checked against vae %s and text encoder %s; %d stale temporary files removed",
              cfg.output_dir, info.vae["id"], info.text_encoder["id"], removed)
     return spec, info.shapes
@@ -656,26 +605,27 @@ def run_precompute(cfg: PrecomputeConfig) -> StageReport:
     import ray
 
     cfg.validate()
+    # absolute in the driver: the read tasks run in other working directories
+    cfg = dataclasses.replace(cfg, input_dir=storage.absolute(cfg.input_dir),
+                              output_dir=storage.absolute(cfg.output_dir))
     report = StageReport(stage="precompute")
     inputs = list_input_shards(cfg.input_dir)
     if not inputs:
         report.fail(f"no *.tar shards in {cfg.input_dir}")
         return report
-    fs, root = resolve(cfg.output_dir)
-    fs.create_dir(root, recursive=True)
+    storage.makedirs(cfg.output_dir)
     probe = start_probe(cfg)
-    pending = [i for i in range(len(inputs)) if i not in finished_shards(fs, root)]
+    pending = [i for i in range(len(inputs)) if i not in finished_shards(cfg.output_dir)]
     log.info("%d input shards: %d to encode, %d already finished", len(inputs), len(pending),
              len(inputs) - len(pending))
     # The output is checked when the first encoded batch arrives rather than before the pipeline
     # starts: the probe then loads its models while the actors load theirs (minutes for big models).
-    assembler = _ShardAssembler(fs, root, inputs, lambda: prepare_output(cfg, ray.get(probe), inputs, fs, root))
+    assembler = _ShardAssembler(cfg.output_dir, inputs, lambda: prepare_output(cfg, ray.get(probe), inputs))
     timings = run_pending(cfg, assembler, inputs, pending) if pending else {}
     assembler.ready()  # also when nothing was pending: the check and the clean-up still run
     info = ray.get(probe)
-    finished = finished_shards(fs, root)
-    manifest = json.dumps(build_manifest(cfg, info, finished).to_dict(), indent=2).encode()
-    _write_atomic(fs, f"{root}/{schema.MANIFEST_FILE}", manifest)
+    finished = finished_shards(cfg.output_dir)
+    build_manifest(cfg, info, finished).save(cfg.output_dir)
     _fill_report(report, finished, assembler.committed, timings)
     report.details["output_dir"] = cfg.output_dir
     return report
@@ -683,12 +633,4 @@ def run_precompute(cfg: PrecomputeConfig) -> StageReport:
 
 def write_report(cfg: PrecomputeConfig, report: StageReport) -> int:
     """Write the report next to the features; returns the job's exit status."""
-    fs, root = resolve(cfg.output_dir)
-    if isinstance(fs, pafs.LocalFileSystem):
-        return finish(report, Path(root) / REPORT_FILE)
-    # runtime.finish writes local paths only: write through the filesystem, then log the same way
-    _write_atomic(fs, f"{root}/{REPORT_FILE}", json.dumps(report.to_dict(), indent=2).encode())
-    log.log(logging.INFO if report.ok else logging.ERROR, "precompute: %d in, %d out, dropped %s%s; report: %s",
-            report.rows_in, report.rows_out, report.dropped or 0,
-            "" if report.ok else f"; FAILED: {report.error}", f"{cfg.output_dir}/{REPORT_FILE}")
-    return 0 if report.ok else 1
+    return finish(report, storage.join(cfg.output_dir, REPORT_FILE))

@@ -1,15 +1,15 @@
-"""What every stage shares at run time: starting Ray, writing reports, committing files atomically."""
+"""What every stage shares at run time: starting Ray and writing reports (files: pipelines/storage.py)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from pipelines import storage
 
 log = logging.getLogger("latentforge")
 
@@ -36,15 +36,6 @@ def init_ray(num_cpus: int | None = None) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     log.info("started an embedded local Ray (RAY_ADDRESS is unset): %s", ray.cluster_resources())
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON so that readers see either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -74,11 +65,12 @@ class StageReport:
             "seconds": round(time.time() - self.started_at, 3), **self.details,
         }
 
-    def write(self, path: str | Path) -> None:
-        write_json_atomic(path, self.to_dict())
+    def write(self, location: str | os.PathLike) -> None:
+        """Committed atomically, to a local path or a URI (see storage)."""
+        storage.write_json(location, self.to_dict())
 
 
-def finish(report: StageReport, path: str | Path) -> int:
+def finish(report: StageReport, path: str | os.PathLike) -> int:
     """Write the report, log a one-line summary, and return the job's exit status."""
     report.write(path)
     summary = f"{report.stage}: {report.rows_in} in, {report.rows_out} out, dropped {report.dropped or 0}"

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from pipelines import storage
 
 FORMAT_VERSION = 1
 
@@ -151,9 +153,18 @@ class Manifest:
         return cls(**values)
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Manifest":
-        path = Path(directory) / MANIFEST_FILE
-        if not path.is_file():
+    def load(cls, directory: str | os.PathLike) -> "Manifest":
+        """The manifest of a feature directory (local path or URI); clear error if absent."""
+        path = storage.join(directory, MANIFEST_FILE)
+        if not storage.is_file(path):
             raise FileNotFoundError(f"{path} not found: {directory} is not a finished feature directory "
                                     f"(run jobs/precompute_latents.py first)")
-        return cls.from_dict(json.loads(path.read_text()))
+        return cls.from_dict(storage.read_json(path))
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Committed atomically: readers see the old manifest or the complete new one. An identical
+        manifest is left as it is, so a no-op rerun changes no file."""
+        path = storage.join(directory, MANIFEST_FILE)
+        if storage.is_file(path) and storage.read_json(path) == json.loads(json.dumps(self.to_dict())):
+            return
+        storage.write_json(path, self.to_dict())

@@ -1,0 +1,336 @@
+"""The data chain end to end: synthetic web -> download -> filter -> precompute -> loader.
+
+Real components only: the loopback HTTP server, img2dataset, a local Ray (`ray_local`), the tiny
+encoders, and the stage configs users run (configs/tiny/*.yaml, with the paths overridden the way
+`--set` does). One module fixture runs every stage once, reruns each (the download after the server
+has stopped, so a rerun that fetched anything would fail), and simulates a precompute run cut short;
+the tests below only read what it recorded.
+
+The good items are exactly the 150 training combinations, once each: render() is deterministic per
+combination, so a repeated combination would be the same image and exact dedup would (rightly)
+collapse it. Planted items come on top, every kind at least once.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from model.config import PRESETS
+from pipelines import schema
+from pipelines.config import load_config
+from pipelines.download import REPORT_FILE as DOWNLOAD_REPORT
+from pipelines.download import DownloadConfig, failure_reason, run_download
+from pipelines.filter import REPORT_FILE as FILTER_REPORT
+from pipelines.filter import FilterConfig, report_path, run_filter
+from pipelines.loader import (BATCH_CAPTIONS, BATCH_KEYS, BATCH_LATENTS, BATCH_TEXT_MASK, BATCH_TEXT_STATES,
+                              FeatureLoader, LoaderConfig, check_manifest_matches, load_empty_caption)
+from pipelines.precompute import REPORT_FILE as PRECOMPUTE_REPORT
+from pipelines.precompute import PrecomputeConfig, run_precompute, write_report
+from pipelines.runtime import finish
+from pipelines.synthetic import PLANTED_KINDS, PlantedCounts, SyntheticConfig, build_dataset, training_attributes
+from pipelines.synthetic_web import SyntheticServer, write_url_list
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "tiny"
+
+N_GOOD = len(training_attributes())  # every training combination once: 150
+PLANTED = PlantedCounts(**{**{kind: 1 for kind in PLANTED_KINDS}, "http_404": 2, "duplicate_image": 2})
+# Where each planted kind must be dropped, and under which reason (configs/tiny: download
+# min_image_size=16, any aspect; filter min_side=16, max_aspect=3, max_chars=1000, exact dedup).
+DOWNLOAD_REASON = {"http_404": "http_404", "http_500": "http_500", "html_page": "decode_error",
+                   "truncated_jpeg": "decode_error", "truncated_png": "decode_error", "tiny_image": "too_small"}
+FILTER_REASON = {"extreme_aspect": "aspect_ratio", "empty_caption": "caption_empty",
+                 "whitespace_caption": "caption_empty", "long_caption": "caption_too_long",
+                 "duplicate_image": "exact_duplicate"}
+WORLD = 2
+
+
+def _mtimes(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def _counts(report: dict) -> tuple:
+    return report["ok"], report["rows_in"], report["rows_out"], {k: v for k, v in report["dropped"].items() if v}
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def chain(ray_local, tmp_path_factory):
+    """Every stage once, then each again; returns what the tests check (paths, reports, mtimes)."""
+    dataset = build_dataset(SyntheticConfig(num_good=N_GOOD, seed=3, planted=PLANTED))
+    good = [r for r in dataset.rows if not r["planted"]]
+    # The premise of "every good item arrives": no two good items share an image.
+    assert N_GOOD == 150 and len(good) == N_GOOD
+    assert len({(r["shape"], r["color"], r["size"], r["position"]) for r in good}) == N_GOOD
+
+    root = tmp_path_factory.mktemp("chain")
+    raw, filtered, features = root / "raw", root / "filtered", root / "features"
+    out: dict = {"dataset": dataset, "raw": raw, "filtered": filtered, "features": features, "seconds": {}}
+    seconds = out["seconds"]
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        result = fn()
+        seconds[name] = round(time.perf_counter() - start, 1)
+        return result
+
+    dl_cfg = filter_cfg = None
+    with SyntheticServer(dataset.responses) as server:
+        url_list = write_url_list(dataset, server.base_url, root / "urls.parquet")
+        dl_cfg = load_config(DownloadConfig, CONFIGS / "download.yaml",
+                             [f"url_list={url_list}", f"output_dir={raw}"])
+        report, path = timed("download", lambda: run_download(dl_cfg))
+        assert finish(report, path) == 0, report.to_dict()
+    out["download_report"] = _read_json(raw / DOWNLOAD_REPORT)
+
+    filter_cfg = load_config(FilterConfig, CONFIGS / "filter.yaml", [f"input_dir={raw}", f"output_dir={filtered}"])
+    report = timed("filter", lambda: run_filter(filter_cfg))
+    assert finish(report, report_path(filter_cfg)) == 0, report.to_dict()
+    out["filter_report"] = _read_json(filtered / FILTER_REPORT)
+
+    pre_cfg = load_config(PrecomputeConfig, CONFIGS / "precompute.yaml",
+                          [f"input_dir={filtered}", f"output_dir={features}"])
+    report = timed("precompute", lambda: run_precompute(pre_cfg))
+    assert write_report(pre_cfg, report) == 0, report.to_dict()
+    out["precompute_report"] = _read_json(features / PRECOMPUTE_REPORT)
+    out["manifest_bytes"] = (features / schema.MANIFEST_FILE).read_bytes()
+
+    # Reruns: nothing to do. The server is down now, so a download rerun that fetched would fail.
+    out["mtimes"] = {name: _mtimes(d) for name, d in (("raw", raw), ("filtered", filtered), ("features", features))}
+    report, path = timed("download_rerun", lambda: run_download(dl_cfg))
+    assert finish(report, path) == 0, report.to_dict()
+    out["download_rerun"] = _read_json(raw / DOWNLOAD_REPORT)
+    report = timed("filter_rerun", lambda: run_filter(filter_cfg))
+    assert finish(report, report_path(filter_cfg)) == 0, report.to_dict()
+    out["filter_rerun"] = _read_json(filtered / FILTER_REPORT)
+    report = timed("precompute_rerun", lambda: run_precompute(pre_cfg))
+    assert write_report(pre_cfg, report) == 0, report.to_dict()
+    out["precompute_rerun"] = _read_json(features / PRECOMPUTE_REPORT)
+    out["mtimes_rerun"] = {name: _mtimes(d) for name, d in (("raw", raw), ("filtered", filtered),
+                                                            ("features", features))}
+    out["manifest_rerun_bytes"] = (features / schema.MANIFEST_FILE).read_bytes()
+
+    # A precompute run cut short: one shard never committed, a temporary file left behind. The rerun
+    # must write exactly that shard, with the same rows, and clean up.
+    victim = schema.shard_name(1)
+    out["victim"] = victim
+    out["victim_table"] = pq.read_table(features / victim)
+    (features / victim).unlink()
+    stale = features / f".{victim}.tmp-deadbeef0000"
+    stale.write_bytes(b"half a parquet file")
+    before = _mtimes(features)
+    report = timed("precompute_resume", lambda: run_precompute(pre_cfg))
+    assert write_report(pre_cfg, report) == 0, report.to_dict()
+    out["precompute_resume"] = _read_json(features / PRECOMPUTE_REPORT)
+    out["resume_mtimes"] = (before, _mtimes(features))
+    out["stale_left"] = stale.exists()
+    print("\nchain stage seconds:", seconds)
+    return out
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+def raw_rows(raw: Path) -> list[dict]:
+    """img2dataset's per-row record over every raw shard: key, status, error_message, item_id..."""
+    return [row for p in sorted(raw.glob("*.parquet")) for row in pq.read_table(p).to_pylist()]
+
+
+def tar_item_ids(directory: Path) -> set[str]:
+    ids = set()
+    for path in sorted(directory.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    ids.add(json.loads(tar.extractfile(member).read())["item_id"])
+    return ids
+
+
+def feature_rows(features: Path) -> list[tuple[str, str]]:
+    manifest = schema.Manifest.load(features)
+    rows = []
+    for shard in manifest.shards:
+        table = pq.read_table(features / shard["name"], columns=[schema.KEY, schema.CAPTION])
+        rows += zip(table.column(schema.KEY).to_pylist(), table.column(schema.CAPTION).to_pylist())
+    return rows
+
+
+def key_to_item(chain) -> dict[str, str]:
+    return {r["key"]: r["item_id"] for r in raw_rows(chain["raw"]) if r["status"] == "success"}
+
+
+def epoch_batches(loader: FeatureLoader) -> list[dict]:
+    return list(loader)
+
+
+# -------------------------------------------------------------------------------------- tests
+
+def test_planted_kinds_all_have_an_expected_stage_and_reason():
+    assert set(DOWNLOAD_REASON) | set(FILTER_REASON) == set(PLANTED_KINDS)
+    assert not set(DOWNLOAD_REASON) & set(FILTER_REASON)
+    assert all(getattr(PLANTED, kind) >= 1 for kind in PLANTED_KINDS)
+
+
+def test_download_counts_each_planted_failure_under_its_reason(chain):
+    dataset, report = chain["dataset"], chain["download_report"]
+    expected = collections.Counter(DOWNLOAD_REASON[r["planted"]] for r in dataset.rows
+                                   if r["planted"] in DOWNLOAD_REASON)
+    assert report["ok"], report["error"]
+    assert report["dropped"] == dict(expected)
+    assert report["rows_in"] == len(dataset.rows)
+    assert report["rows_out"] == len(dataset.rows) - sum(expected.values())
+    # Per item, not only per count: each planted failure is the item that failed, for its reason.
+    kind = {r["item_id"]: r["planted"] for r in dataset.rows}
+    for row in raw_rows(chain["raw"]):
+        if kind[row["item_id"]] in DOWNLOAD_REASON:
+            assert row["status"] != "success", row
+            assert failure_reason(row["error_message"]) == DOWNLOAD_REASON[kind[row["item_id"]]], row
+        else:
+            assert row["status"] == "success", row
+
+
+def test_filter_counts_each_planted_item_under_its_reason(chain):
+    dataset, report = chain["dataset"], chain["filter_report"]
+    expected = collections.Counter(FILTER_REASON[r["planted"]] for r in dataset.rows
+                                   if r["planted"] in FILTER_REASON)
+    assert report["ok"], report["error"]
+    assert {k: v for k, v in report["dropped"].items() if v} == dict(expected)
+    assert report["rows_in"] == chain["download_report"]["rows_out"]
+    assert report["rows_out"] == report["rows_in"] - sum(expected.values()) == N_GOOD
+    # Every filter-stage planted item reached the raw shards and is gone from the filtered ones
+    # (a duplicate group keeps one member: the one with the smallest key, which may be the copy).
+    raw_ids, kept_ids = tar_item_ids(chain["raw"]), tar_item_ids(chain["filtered"])
+    for row in dataset.rows:
+        if row["planted"] in FILTER_REASON and row["planted"] != "duplicate_image":
+            assert row["item_id"] in raw_ids and row["item_id"] not in kept_ids, row["planted"]
+
+
+def test_every_good_item_arrives_as_one_feature_row(chain):
+    dataset, report = chain["dataset"], chain["precompute_report"]
+    assert report["ok"], report["error"]
+    assert (report["rows_in"], report["rows_out"], report["dropped"]) == (N_GOOD, N_GOOD, {})
+    manifest = schema.Manifest.load(chain["features"])
+    assert manifest.total_rows == N_GOOD
+    rows = feature_rows(chain["features"])
+    items = key_to_item(chain)
+    by_id = {r["item_id"]: r for r in dataset.rows}
+    arrived = [items[key] for key, _ in rows]
+    assert len(arrived) == len(set(arrived)) == N_GOOD
+    # Each duplicate group (a good item and its planted copies) arrives exactly once; every other
+    # good item arrives; no other planted item does.
+    groups = collections.defaultdict(set)
+    for r in dataset.rows:
+        if r["planted"] == "duplicate_image":
+            groups[r["duplicate_of"]] |= {r["duplicate_of"], r["item_id"]}
+    in_groups = set().union(*groups.values())
+    for members in groups.values():
+        assert len(members & set(arrived)) == 1, members
+    good_ids = {r["item_id"] for r in dataset.rows if not r["planted"]}
+    assert good_ids - in_groups <= set(arrived)
+    assert set(arrived) - good_ids <= in_groups
+    # Captions survive every stage unchanged.
+    for key, caption in rows:
+        assert caption == by_id[items[key]]["caption"]
+    assert sorted(c for _, c in rows) == sorted(r["caption"] for r in dataset.rows if not r["planted"])
+
+
+def test_reruns_are_noops(chain):
+    before, after = chain["mtimes"], chain["mtimes_rerun"]
+    # Data files are never rewritten; only the reports (they carry this run's timings) are.
+    for folder, report in (("raw", DOWNLOAD_REPORT), ("filtered", FILTER_REPORT), ("features", PRECOMPUTE_REPORT)):
+        assert set(before[folder]) == set(after[folder]), folder
+        changed = {name for name in before[folder] if before[folder][name] != after[folder][name]}
+        assert changed <= {report, schema.MANIFEST_FILE}, (folder, changed)
+    assert chain["manifest_rerun_bytes"] == chain["manifest_bytes"]
+    for stage in ("download", "filter", "precompute"):
+        assert _counts(chain[f"{stage}_rerun"]) == _counts(chain[f"{stage}_report"]), stage
+    shards = chain["download_rerun"]["shards"]
+    assert shards["downloaded"] == [] and shards["skipped_done"] == shards["total"] > 1
+    assert chain["download_rerun"]["rows_downloaded_this_run"] == 0
+    assert chain["filter_rerun"]["noop"] is True
+    rerun = chain["precompute_rerun"]
+    assert rerun["shards_written"] == 0 and rerun["shards_skipped"] == rerun["shards"] > 1
+
+
+def test_precompute_resume_writes_only_the_missing_shard(chain):
+    features, victim = chain["features"], chain["victim"]
+    before, after = chain["resume_mtimes"]
+    assert not chain["stale_left"]
+    report = chain["precompute_resume"]
+    assert report["shards_written"] == 1 and _counts(report) == _counts(chain["precompute_report"])
+    parts = {n for n in after if n.startswith(schema.SHARD_PREFIX)}
+    assert victim in parts and all(after[n] == before[n] for n in parts - {victim})
+    assert pq.read_table(features / victim).equals(chain["victim_table"])
+    assert schema.Manifest.load(features).total_rows == N_GOOD
+
+
+def test_loader_ranks_are_disjoint_and_cover_every_row(chain):
+    features = chain["features"]
+    all_keys = {key for key, _ in feature_rows(features)}
+    cfg = LoaderConfig(batch_size=8, seed=1, window_shards=2, with_text=True, drop_last=False)
+    loaders = [FeatureLoader(features, cfg, rank=r, world_size=WORLD) for r in range(WORLD)]
+    seen = [[k for batch in loader for k in batch[BATCH_KEYS]] for loader in loaders]
+    assert len({len(keys) for keys in seen}) == 1  # the same number of rows (and steps) per rank
+    flat = [k for keys in seen for k in keys]
+    assert len(flat) == len(set(flat))  # disjoint
+    assert set(flat) <= all_keys
+    assert len(all_keys) - len(flat) == loaders[0].remainder_rows == N_GOOD % WORLD
+    # drop_last: each rank also drops its last partial batch, and the loader says how many rows.
+    cfg = LoaderConfig(batch_size=8, seed=1, window_shards=2, with_text=True)
+    loaders = [FeatureLoader(features, cfg, rank=r, world_size=WORLD) for r in range(WORLD)]
+    flat = [k for loader in loaders for batch in loader for k in batch[BATCH_KEYS]]
+    assert len(flat) == len(set(flat)) == N_GOOD - loaders[0].dropped_rows_per_epoch
+
+
+def _same(a: dict, b: dict) -> bool:
+    return (torch.equal(a[BATCH_LATENTS], b[BATCH_LATENTS]) and torch.equal(a[BATCH_TEXT_STATES], b[BATCH_TEXT_STATES])
+            and torch.equal(a[BATCH_TEXT_MASK], b[BATCH_TEXT_MASK]) and a[BATCH_KEYS] == b[BATCH_KEYS]
+            and a[BATCH_CAPTIONS] == b[BATCH_CAPTIONS])
+
+
+@pytest.mark.parametrize("stop_after", [3, 9])  # mid-epoch, and right at the end of epoch 0
+def test_loader_resume_equals_the_uninterrupted_sequence(chain, stop_after):
+    features = chain["features"]
+    cfg = LoaderConfig(batch_size=8, seed=2, window_shards=2, with_text=True)
+    reference = FeatureLoader(features, cfg, rank=1, world_size=WORLD)
+    steps = reference.batches_per_epoch
+    assert steps == (N_GOOD // WORLD) // 8 == 9
+    expected = epoch_batches(reference) + epoch_batches(reference)  # epochs 0 and 1
+    interrupted = FeatureLoader(features, cfg, rank=1, world_size=WORLD)
+    for taken, _ in enumerate(interrupted, start=1):
+        if taken == stop_after:
+            break
+    state = interrupted.state_dict()
+    resumed = FeatureLoader(features, cfg, rank=1, world_size=WORLD)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # the state survives a JSON checkpoint
+    got = epoch_batches(resumed)
+    if stop_after < steps:  # the rest of epoch 0, then epoch 1
+        got += epoch_batches(resumed)
+    assert len(got) == 2 * steps - stop_after
+    assert all(_same(a, b) for a, b in zip(got, expected[stop_after:]))
+    assert all(torch.isfinite(b[BATCH_LATENTS]).all() for b in got)
+
+
+def test_features_fit_the_tiny_unet_and_carry_the_empty_caption(chain):
+    loader = FeatureLoader(chain["features"], LoaderConfig(batch_size=8))
+    check_manifest_matches(loader.manifest, PRESETS["tiny"])
+    empty = load_empty_caption(chain["features"], loader.manifest)
+    assert tuple(empty[BATCH_TEXT_STATES].shape) == loader.manifest.text_shape
+    assert empty[BATCH_TEXT_MASK].any()
+    other = PRESETS[next(name for name in PRESETS if name != "tiny")]
+    with pytest.raises(ValueError, match="text width"):
+        check_manifest_matches(loader.manifest, other)
+    batch = next(iter(loader))
+    assert tuple(batch[BATCH_LATENTS].shape) == (8, *loader.manifest.latent_shape)
+    assert np.isfinite(batch[BATCH_TEXT_STATES].numpy()).all()
