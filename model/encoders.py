@@ -322,11 +322,11 @@ class _TextTower(nn.Module):
         if not hasattr(clip, "token_embedding"):  # CustomTextCLIP keeps the tower under .text
             src = getattr(clip, "text", None)
             if src is None or not hasattr(src, "token_embedding"):
-                raise NotImplementedError(
+                raise ValueError(
                     f"{type(clip).__name__}: only open_clip's own text transformer is supported "
                     f"(not HF text towers)")
             if getattr(src, "cls_emb", None) is not None or getattr(src, "use_pad_mask", False):
-                raise NotImplementedError("text towers with a CLS token or padding mask "
+                raise ValueError("text towers with a CLS token or padding mask "
                                           "(CoCa-style) are not supported")
         self.token_embedding = src.token_embedding
         self.positional_embedding = src.positional_embedding

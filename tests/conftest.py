@@ -29,7 +29,7 @@ def ray_local():
     """One real local Ray for the whole test session (started on first use, 2 CPUs, no dashboard)."""
     import os
 
-    ray = pytest.importorskip("ray")
+    import ray
     from pipelines.runtime import init_ray
 
     if os.environ.get("RAY_ADDRESS"):

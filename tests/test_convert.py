@@ -2,6 +2,7 @@
 
 import json
 
+import diffusers
 import pytest
 import torch
 
@@ -10,7 +11,6 @@ from model.convert import (ConversionError, config_from_diffusers, config_to_dif
                            from_diffusers_state, main, to_diffusers_state)
 from model.unet import UNet
 
-diffusers = pytest.importorskip("diffusers")  # a declared dependency: present in every install
 
 TOLERANCE = 1e-4  # max abs difference in fp32 (the acceptance bound)
 
