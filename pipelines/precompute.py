@@ -558,8 +558,8 @@ def run_pending(cfg: PrecomputeConfig, assembler: _ShardAssembler, inputs: list[
     assembler.finish(pending)
     seconds = time.perf_counter() - start
     return {"encode_seconds": round(seconds, 3), "first_batch_seconds": round((first or start) - start, 3),
-            "rows_per_s": round(rows / seconds, 2),
-            "rows_per_s_per_actor_busy": round(rows / busy, 2) if busy > 0 else None}
+            "rows_per_second": round(rows / seconds, 2),
+            "rows_per_second_per_actor_busy": round(rows / busy, 2) if busy > 0 else None}
 
 
 def build_manifest(cfg: PrecomputeConfig, info: EncoderInfo, finished: dict[int, dict[str, Any]]) -> schema.Manifest:

@@ -125,7 +125,7 @@ def test_features_rows_and_report(clean_run, shards):
     written = json.loads((out / "precompute_report.json").read_text())
     assert written["ok"] and written["rows_in"] == SHARDS * PER_SHARD
     assert written["rows_out"] == len(good) and written["dropped"] == EXPECTED_DROPS
-    assert written["rows_per_s"] > 0 and written["rows_per_s_per_actor_busy"] > 0
+    assert written["rows_per_second"] > 0 and written["rows_per_second_per_actor_busy"] > 0
     assert written["shards_written"] == SHARDS + 1
 
 
