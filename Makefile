@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, from the pinned pair (torchvision must match torch exactly).
 	$(PIP) install --quiet -c constraints.txt torch torchvision
 	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	# Prebuild DeepSpeed's CPU shared-memory comm op (into ~/.cache/torch_extensions): otherwise the first
+	# deepspeed.initialize on CPU JIT-compiles it for about a minute inside a test. A no-op when already built.
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 	touch $(STAMP)
 
 test: install
