@@ -52,6 +52,7 @@ from PIL import Image, ImageOps
 from pipelines import storage
 from pipelines.config import ConfigError, from_dict, to_dict
 from pipelines.runtime import StageReport
+from pipelines.tar_samples import KEY_FIELD, MTIME_FIELD, iter_tar_samples
 
 log = logging.getLogger("latentforge.filter")
 
@@ -191,27 +192,11 @@ def check_inputs(cfg: FilterConfig) -> FilterConfig:
 
 # --------------------------------------------------------------------------------- tar reading
 
-_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset rule: key = name up to first dot
-
-
 def iter_samples(uri: str) -> Iterator[dict[str, Any]]:
-    """Samples of one tar in file order: {"__key__", "__mtime__", ext: bytes}. A member group
-    is a sample; a key that comes back later is a new sample (decide() drops the repeat).
-    A damaged tar raises tarfile.TarError / OSError after the samples read so far."""
-    with storage.open_input(uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        current: dict[str, Any] | None = None
-        for member in tar:
-            match = _NAME.match(member.name) if member.isreg() else None
-            if not match:
-                continue
-            key, ext = match.group(1), match.group(2).lower()
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current  # before reading on: damage further down cannot lose it
-                current = {"__key__": key, "__mtime__": int(member.mtime)}
-            current.setdefault(ext, tar.extractfile(member).read())
-        if current is not None:
-            yield current
+    """Samples of one tar in file order (pipelines/tar_samples.py); a key that comes back later is
+    a new sample (decide() drops the repeat)."""
+    with storage.open_input(uri) as stream:
+        yield from iter_tar_samples(stream)
 
 
 # ------------------------------------------------------------------------------- row checks
@@ -295,7 +280,7 @@ SHARD_ERROR_IDX = -1  # a record with this idx reports a damaged tar (its key ho
 
 def analyze(sample: dict[str, Any], cfg: FilterConfig) -> dict[str, Any]:
     """One sample -> its record (reason "" = passed the per-row checks)."""
-    rec = {"key": sample["__key__"], "reason": "", "sha256": b"", "dhash": 0, "thumb": b"",
+    rec = {"key": sample[KEY_FIELD], "reason": "", "sha256": b"", "dhash": 0, "thumb": b"",
            "width": 0, "height": 0, "clip": float("nan"), "caption": "", "image": b""}
     image_bytes = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     if image_bytes is None:
@@ -506,8 +491,8 @@ def _copy_samples(input_uri: str, tar: tarfile.TarFile, keep: set[int]) -> int:
             if idx not in keep:
                 continue
             for ext in sorted(e for e in sample if not e.startswith("__")):
-                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-                info.size, info.mtime, info.mode = len(sample[ext]), sample["__mtime__"], 0o644
+                info = tarfile.TarInfo(f"{sample[KEY_FIELD]}.{ext}")
+                info.size, info.mtime, info.mode = len(sample[ext]), sample[MTIME_FIELD], 0o644
                 tar.addfile(info, io.BytesIO(sample[ext]))
             rows += 1
     except (tarfile.TarError, OSError, EOFError):

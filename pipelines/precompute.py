@@ -52,6 +52,7 @@ import pyarrow.parquet as pq
 from pipelines import schema, storage
 from pipelines.config import from_dict, to_dict
 from pipelines.runtime import StageReport, finish
+from pipelines.tar_samples import KEY_FIELD, iter_tar_samples
 
 log = logging.getLogger("latentforge.precompute")
 
@@ -157,30 +158,6 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     return pixels.transpose(2, 0, 1) / 127.5 - 1.0
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    """WebDataset convention: the key is the path up to the first dot of the file name."""
-    head, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext.lower()
-
-
-def tar_samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Stream a WebDataset tar -> (key, {extension: bytes}) per sample, in tar order."""
-    key, files = None, {}
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            sample_key, ext = _split_member(member.name)
-            if key is not None and sample_key != key:
-                yield key, files
-                files = {}
-            key = sample_key
-            files[ext] = tar.extractfile(member).read()
-    if key is not None:
-        yield key, files
-
-
 def _with_last_flag(items: Iterator) -> Iterator[tuple[Any, bool]]:
     """Yield (item, is_last) with a one-item lookahead."""
     previous, has_previous = None, False
@@ -229,7 +206,8 @@ def read_and_decode(batch: dict[str, np.ndarray], input_dir: str, image_size: in
         rows = []
         try:
             with storage.open_input(storage.join(input_dir, name)) as stream:
-                for ordinal, ((key, files), last) in enumerate(_with_last_flag(tar_samples(stream))):
+                for ordinal, ((key, files), last) in enumerate(_with_last_flag(
+                        (sample[KEY_FIELD], sample) for sample in iter_tar_samples(stream))):
                     row = sample_row(key, files, image_size)
                     rows.append({**row, SHARD: shard, ORDINAL: ordinal, LAST: last})
                     if len(rows) == chunk:
