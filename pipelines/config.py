@@ -33,6 +33,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return value
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -55,7 +55,7 @@ def _rng(*parts: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(p) for p in parts]))
 
 
-def _torch_generator(*parts: int) -> torch.Generator:
+def seeded_generator(*parts: int) -> torch.Generator:
     """A generator seeded from a tuple of ints (63 bits: within torch's accepted seed range)."""
     state = np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) >> 1)
@@ -392,7 +392,7 @@ class FeatureLoader:
     def _to_tensors(self, rows: dict[str, np.ndarray], epoch: int, step: int) -> dict[str, Any]:
         mean = torch.from_numpy(rows[schema.LATENT_MEAN]).float()  # (B, C, h, w)
         logvar = torch.from_numpy(rows[schema.LATENT_LOGVAR]).float()  # (B, C, h, w)
-        noise_gen = _torch_generator(self.cfg.seed, epoch, self.rank, step, _NOISE)
+        noise_gen = seeded_generator(self.cfg.seed, epoch, self.rank, step, _NOISE)
         z = FrozenVAE.sample_latents(mean, logvar, generator=noise_gen)  # raw VAE space
         latents = (z - self.manifest.shift_factor) * self.manifest.scaling_factor  # (B, C, h, w)
         states = torch.from_numpy(rows[schema.TEXT_STATES]).float()  # (B, L, D)

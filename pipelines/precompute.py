@@ -311,7 +311,7 @@ class EncoderActor:
                 schema.TEXT_LENGTH: np.zeros((n,), np.int16)}
 
 
-def _probe(config: dict[str, Any]) -> EncoderInfo:
+def probe_encoders(config: dict[str, Any]) -> EncoderInfo:
     cfg = from_dict(PrecomputeConfig, config)
     vae, text = load_encoders(cfg)
     from model.encoders import spec_dict
@@ -331,7 +331,7 @@ def start_probe(cfg: PrecomputeConfig):
     loads its models while the pipeline's actors load theirs."""
     import ray
 
-    task = ray.remote(_probe).options(num_cpus=cfg.compute.num_cpus_per_actor,
+    task = ray.remote(probe_encoders).options(num_cpus=cfg.compute.num_cpus_per_actor,
                                       num_gpus=cfg.compute.num_gpus_per_actor, max_retries=0)
     return task.remote(to_dict(cfg))
 
@@ -546,7 +546,17 @@ def build_manifest(cfg: PrecomputeConfig, info: EncoderInfo, finished: dict[int,
     return schema.Manifest(
         image_size=cfg.image_size, latent_shape=info.latent_shape, text_shape=info.text_shape,
         vae=info.vae, text_encoder=info.text_encoder, shards=shards,
-        extra={"input_dir": cfg.input_dir, "config": to_dict(cfg)})
+        extra={"input_dir": cfg.input_dir, "config": _recorded_config(cfg)})
+
+
+def _recorded_config(cfg: PrecomputeConfig) -> dict[str, Any]:
+    """The config as the manifest records it: a local VAE directory made absolute, so trainers and
+    evaluators started from another working directory rebuild the same encoders from it."""
+    config = to_dict(cfg)
+    source = cfg.vae.source
+    if source != "tiny" and not storage.is_uri(source):
+        config["vae"]["source"] = str(Path(source).resolve())
+    return config
 
 
 def _fill_report(report: StageReport, finished: dict[int, dict[str, Any]], written: list[dict[str, Any]],

@@ -6,7 +6,7 @@
     Tracker.attach(settings.resolved(), tracker.run_id).log_image(grid, "samples", step=100)
 
 One MLflow run per training run: the run carries the tag `latentforge.run_name`, and a rerun with the
-same name (a resume) finds it and continues it. Every call goes through `_call`: an exception (a
+same name (a resume) finds it and continues it. Every call goes through `call`: an exception (a
 tracking server that is down, a full disk) logs ONE warning and turns logging off for a cool-down that
 doubles each time (1 min up to 10 min), after which the next call tries again. Training never waits on
 MLflow for more than one short HTTP attempt (see MLflowSettings.http_*).
@@ -90,7 +90,7 @@ class Tracker:
         """Find the run tagged with `run_name` in the experiment (a resume) or create it."""
         tracker = cls(settings.resolved(), None)
         if settings.enabled:
-            tracker.run_id = tracker._call("open the run", tracker._find_or_create, run_name, tags or {})
+            tracker.run_id = tracker.call("open the run", tracker._find_or_create, run_name, tags or {})
         return tracker
 
     def _find_or_create(self, run_name: str, tags: dict[str, str]) -> str:
@@ -127,7 +127,7 @@ class Tracker:
     def active(self) -> bool:
         return self.settings.enabled and self.run_id is not None
 
-    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run fn unless in a cool-down; on error warn (once per cool-down) and return None."""
         if not self.settings.enabled or time.monotonic() < self._retry_at:
             return None
@@ -156,15 +156,15 @@ class Tracker:
             for start in range(0, len(new), 100):  # MLflow's batch limit
                 self.client.log_batch(self.run_id, params=new[start:start + 100])
 
-        self._call("log params", log_new)
+        self.call("log params", log_new)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.active:
-            self._call("set tags", lambda: [self.client.set_tag(self.run_id, k, v) for k, v in tags.items()])
+            self.call("set tags", lambda: [self.client.set_tag(self.run_id, k, v) for k, v in tags.items()])
 
     def log_dict(self, values: dict[str, Any], artifact_file: str) -> None:
         if self.active:
-            self._call(f"log {artifact_file}", self.client.log_dict, self.run_id, values, artifact_file)
+            self.call(f"log {artifact_file}", self.client.log_dict, self.run_id, values, artifact_file)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:
@@ -173,16 +173,16 @@ class Tracker:
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._call("log metrics", self.client.log_batch, self.run_id, metrics=batch)
+        self.call("log metrics", self.client.log_batch, self.run_id, metrics=batch)
 
     def log_image(self, image: Any, key: str, step: int) -> None:
         """A PIL image or HxWx3 uint8 array under `key` (no '/'), with a step for the UI's slider."""
         if self.active:
-            self._call(f"log image {key}", self.client.log_image, self.run_id, image, key=key, step=step)
+            self.call(f"log image {key}", self.client.log_image, self.run_id, image, key=key, step=step)
 
     def log_artifacts(self, local_dir: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.active:
-            self._call(f"log artifacts {artifact_path}", self.client.log_artifacts, self.run_id, str(local_dir),
+            self.call(f"log artifacts {artifact_path}", self.client.log_artifacts, self.run_id, str(local_dir),
                        artifact_path)
 
     def start_system_metrics(self) -> None:
@@ -197,15 +197,15 @@ class Tracker:
                                                    tracking_uri=self.settings.tracking_uri)
             self._system_run.start()
 
-        self._call("start system metrics", start)
+        self.call("start system metrics", start)
 
     def stop_system_metrics(self) -> None:
         if self._system_run is not None:
             monitor, self._system_run = self._system_run, None
-            self._call("stop system metrics", monitor.finish)
+            self.call("stop system metrics", monitor.finish)
 
     def finish(self, status: str = "FINISHED") -> None:
         """Mark the run FINISHED / FAILED / KILLED (a resume sets it back to RUNNING)."""
         self.stop_system_metrics()
         if self.active:
-            self._call("end the run", self.client.set_terminated, self.run_id, status)
+            self.call("end the run", self.client.set_terminated, self.run_id, status)
