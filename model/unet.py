@@ -200,7 +200,10 @@ def run_block(block: nn.Module, use_checkpoint: bool, *args: torch.Tensor | None
 
 class Level(nn.Module):
     """ResBlocks, each followed by a spatial transformer on attention levels, and an optional
-    resampler. Down levels push every output onto the skip stack; up levels pop from it."""
+    resampler. A down level returns every output for the skip connections; an up level takes the
+    skips it consumes (one per ResBlock, in order). Skips travel as return values, never as a list
+    the level mutates: wrappers that copy module inputs (DeepSpeed ZeRO-3's hooks do) would lose
+    the mutation."""
 
     def __init__(self, cfg: UNetConfig, in_channels: list[int], out_channels: int, heads: int,
                  with_attention: bool, resample: nn.Module | None):
@@ -212,21 +215,20 @@ class Level(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor, context: torch.Tensor,
-                mask: torch.Tensor | None, skips: list[torch.Tensor], pop_skips: bool) -> torch.Tensor:
-        ckpt = self.gradient_checkpointing
+                mask: torch.Tensor | None, skips: tuple[torch.Tensor, ...] = ()
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        ckpt, outputs = self.gradient_checkpointing, []
         for i, res in enumerate(self.res):
-            if pop_skips:
-                x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+            if skips:
+                x = torch.cat([x, skips[i]], dim=1)  # (B, C + C_skip, H, W)
             x = run_block(res, ckpt, x, temb_act)
             if self.attn:
                 x = run_block(self.attn[i], ckpt, x, context, mask)
-            if not pop_skips:
-                skips.append(x)
+            outputs.append(x)
         if self.resample is not None:
             x = self.resample(x)
-            if not pop_skips:
-                skips.append(x)
-        return x
+            outputs.append(x)
+        return x, tuple(outputs) if not skips else ()
 
 
 class MidBlock(nn.Module):
@@ -328,12 +330,15 @@ class UNet(nn.Module):
         mask = None if context_mask is None else context_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
 
         x = self.conv_in(x_t)  # (B, C0, h, w)
-        skips = [x]
+        skips = [x]  # a stack: the up path takes from the top, deepest first
         for level in self.down:
-            x = level(x, temb_act, context, mask, skips, pop_skips=False)
+            x, outputs = level(x, temb_act, context, mask)
+            skips.extend(outputs)
         x = self.mid(x, temb_act, context, mask)  # (B, C_last, h/f, w/f)
         for level in self.up:
-            x = level(x, temb_act, context, mask, skips, pop_skips=True)
+            n = len(level.res)
+            taken, skips = tuple(reversed(skips[-n:])), skips[:-n]
+            x, _ = level(x, temb_act, context, mask, taken)
         return self.out_conv(F.silu(self.out_norm(x)))  # (B, C_out, h, w)
 
     # ---- persistence ----------------------------------------------------------------------

@@ -33,20 +33,25 @@ from pipelines.train_policy import LR_KINDS, LRSchedule, NonFinitePolicy
 class ModelSettings:
     preset: str = "tiny"  # a name in model/config.PRESETS
     overrides: dict[str, Any] = field(default_factory=dict)  # UNetConfig fields replacing the preset's
-    init_from: str | None = None  # a UNet.save_pretrained directory (e.g. converted SD 1.5 weights)
+    # A UNet.save_pretrained directory to start from (converted SD 1.5 weights, or the previous phase's
+    # <run>/export/unet); its config.json replaces the preset, the overrides still apply (e.g. sample_size).
+    init_from: str | None = None
     gradient_checkpointing: bool = False
 
     def unet_config(self) -> UNetConfig:
+        """The preset (or init_from's saved config) with the overrides applied."""
         if self.init_from:
             path = Path(self.init_from) / "config.json"
             if not path.is_file():
                 raise ConfigError(f"model.init_from: {path} not found (expected a UNet.save_pretrained "
                                   "directory or the output of `python -m model.convert from-diffusers`)")
-            return UNetConfig.from_dict(json.loads(path.read_text()))
-        if self.preset not in PRESETS:
+            base = UNetConfig.from_dict(json.loads(path.read_text()))
+        elif self.preset in PRESETS:
+            base = PRESETS[self.preset]
+        else:
             raise ConfigError(f"model.preset: {self.preset!r} is not one of {sorted(PRESETS)}")
         try:
-            return dataclasses.replace(PRESETS[self.preset], **_tuples(self.overrides))
+            return dataclasses.replace(base, **_tuples(self.overrides))
         except TypeError as err:
             raise ConfigError(f"model.overrides: {err}; valid keys: "
                               f"{[f.name for f in dataclasses.fields(UNetConfig)]}") from None

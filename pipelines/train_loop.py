@@ -86,7 +86,9 @@ class Worker:
         self.device = _device()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         unet_cfg = cfg.model.unet_config()
-        unet = UNet.from_pretrained(cfg.model.init_from) if cfg.model.init_from else UNet(unet_cfg)
+        unet = UNet(unet_cfg)
+        if cfg.model.init_from:  # its weights, under this run's config (e.g. a new sample_size)
+            unet.load_state_dict(UNet.from_pretrained(cfg.model.init_from).state_dict())
         unet.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
         ds_config = build_deepspeed_config(cfg.deepspeed, launch.micro_batch, launch.grad_accum_steps, world_size)
         self.engine, *_ = deepspeed.initialize(model=unet, model_parameters=list(unet.parameters()), config=ds_config)
@@ -129,9 +131,21 @@ class Worker:
 
     # ---- the loop -----------------------------------------------------------------------------
 
+    def batch_stream(self) -> Iterator[dict[str, Any]]:
+        """This rank's batches from the loader's current position on, epoch after epoch."""
+        return _batches(self.loader)
+
+    def train_step(self, step: int, stream: Iterator[dict[str, Any]]) -> dict[str, float]:
+        """One optimizer step (all its micro batches) and the EMA update: what bench/train_throughput.py times."""
+        micro = [next(stream) for _ in range(self.launch.grad_accum_steps)]
+        stats = self.stepper.run(step, micro)
+        if self.ema is not None:
+            self.ema.update(step)
+        return stats
+
     def train(self) -> None:
         cfg = self.cfg
-        stream = _batches(self.loader)
+        stream = self.batch_stream()
         progress = _Progress(self.start_step, cfg.max_steps, cfg.batch.global_batch)
         if self.rank == 0:
             self.tracker.start_system_metrics()
@@ -139,10 +153,7 @@ class Worker:
                      self.start_step, cfg.max_steps, self.world_size, self.launch.micro_batch,
                      self.launch.grad_accum_steps, cfg.batch.global_batch)
         for step in range(self.start_step, cfg.max_steps):
-            micro = [next(stream) for _ in range(self.launch.grad_accum_steps)]
-            stats = self.stepper.run(step, micro)
-            if self.ema is not None:
-                self.ema.update(step)
+            stats = self.train_step(step, stream)
             done = step + 1
             progress.tick(stats)
             if done % cfg.log_every == 0 or done == cfg.max_steps:
@@ -248,8 +259,7 @@ class Worker:
                           latent_shape=tuple(manifest.latent_shape), image_size=manifest.image_size,
                           scaling_factor=manifest.scaling_factor, shift_factor=manifest.shift_factor,
                           train_config=self.launch_config())
-        unet_cfg = self.engine.module.cfg
-        write_export(f"{self.launch.run_dir}/{EXPORT_DIR}", unet_cfg,
+        write_export(f"{self.launch.run_dir}/{EXPORT_DIR}", cfg.model.unet_config(),
                      {k: v.float() for k, v in weights.items()}, info, self.launch.features_dir, manifest)
         log.info("exported the %s weights to %s/%s", info.weights, self.launch.run_dir, EXPORT_DIR)
 

@@ -1,0 +1,125 @@
+"""The training config: shipped YAML files, fingerprints, driver-side validation; the tracker; the export format.
+No Ray here (fast)."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.config import PRESETS
+from pipelines.config import ConfigError, from_dict, load_config
+from pipelines.deepspeed_config import derive_batch_sizes
+from pipelines.tracking import MLflowSettings, Tracker
+from pipelines.train_config import TrainConfig, fingerprint, fingerprint_differences, validate_for_launch
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TRAIN_CONFIGS = ["tiny-cpu.yaml", "sd2-base-256.yaml", "sd2-base-512.yaml", "sd15-finetune.yaml"]
+
+
+@pytest.mark.parametrize("name", TRAIN_CONFIGS)
+def test_shipped_train_configs_load_and_their_batches_divide(name):
+    cfg = load_config(TrainConfig, CONFIGS / name)
+    micro, accum = derive_batch_sizes(cfg.batch.global_batch, cfg.scaling.num_workers, cfg.batch.micro_batch)
+    assert micro * accum * cfg.scaling.num_workers == cfg.batch.global_batch
+    cfg.lr_schedule(), cfg.ema_config(), cfg.objective.noise_schedule()
+    if cfg.model.init_from is None:
+        assert cfg.model.unet_config().sample_size in (16, 32, 64)
+    else:
+        assert cfg.model.preset in PRESETS
+
+
+def test_gpu_configs_use_bf16_v_prediction_min_snr_and_ema():
+    for name in ("sd2-base-256.yaml", "sd2-base-512.yaml"):
+        cfg = load_config(TrainConfig, CONFIGS / name)
+        assert cfg.deepspeed.precision == "bf16" and cfg.scaling.use_gpu
+        assert cfg.objective.prediction_type == "v" and cfg.objective.min_snr_gamma == 5.0
+        assert cfg.ema.enabled and cfg.ema.max_decay == 0.9999
+    assert load_config(TrainConfig, CONFIGS / "sd2-base-256.yaml").model.unet_config().sample_size == 32
+
+
+def test_fingerprint_ignores_resumable_settings_and_names_real_changes():
+    base = load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml")
+    same = load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml",
+                       ["max_steps=5000", "log_every=1", "checkpoint.every_steps=7", "mlflow.experiment=x",
+                        "samples.every_steps=3"])
+    assert fingerprint_differences(fingerprint(base), fingerprint(same)) == []
+    other = load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml", ["deepspeed.adamw.lr=0.5", "model.overrides={norm_groups: 16}"])
+    changes = fingerprint_differences(fingerprint(base), fingerprint(other))
+    assert any(c.startswith("deepspeed.adamw.lr:") for c in changes)
+    assert any(c.startswith("model.unet.norm_groups:") for c in changes)
+
+
+def test_validation_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="features_dir"):
+        validate_for_launch(load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml", [f"features_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="model.preset"):
+        load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml", ["model.preset=huge"]).model.unet_config()
+    with pytest.raises(ConfigError, match="model.overrides"):
+        load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml", ["model.overrides={channels: 3}"]).model.unet_config()
+    with pytest.raises(ConfigError, match="deepspeed.precision"):
+        load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml", ["deepspeed.precision=fp8"])
+    with pytest.raises(ConfigError, match="max_steps"):
+        validate_for_launch(load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml", ["max_steps=0"]))
+
+
+# ------------------------------------------------------------------------------- tracker
+
+
+def test_tracker_finds_its_run_again_and_keeps_params(tmp_path):
+    from mlflow import MlflowClient
+
+    settings = MLflowSettings(tracking_uri=f"sqlite:///{tmp_path / 'db.sqlite'}", experiment="e", system_metrics=False)
+    first = Tracker.open(settings, "run-a", tags={"k": "v"})
+    first.log_params({"a": 1, "b": "x"})
+    first.log_metrics({"loss": 0.5}, step=1)
+    again = Tracker.open(settings, "run-a")
+    again.log_params({"a": 1, "c": 2})  # a resume logs the same params again: not an error
+    other = Tracker.open(settings, "run-b")
+    assert again.run_id == first.run_id != other.run_id
+    run = MlflowClient(settings.tracking_uri).get_run(first.run_id)
+    assert run.data.params == {"a": "1", "b": "x", "c": "2"} and run.data.tags["k"] == "v"
+    experiment = MlflowClient(settings.tracking_uri).get_experiment_by_name("e")
+    assert experiment.artifact_location.endswith(str(tmp_path / "mlartifacts"))
+
+
+def test_tracker_with_the_server_down_warns_once_and_goes_on(caplog):
+    settings = MLflowSettings(tracking_uri="http://127.0.0.1:9", experiment="e", http_retries=0, http_timeout_s=2)
+    with caplog.at_level(logging.WARNING, logger="latentforge.tracking"):
+        tracker = Tracker.open(settings, "run")
+        tracker.log_metrics({"loss": 1.0}, step=1)  # inactive: no run id
+        tracker.run_id = "made-up"
+        tracker.log_metrics({"loss": 1.0}, step=2)  # within the cool-down: skipped, no second warning
+    warnings = [r for r in caplog.records if "failed to" in r.getMessage()]
+    assert len(warnings) == 1 and tracker.failures == 1
+
+
+# ------------------------------------------------------------------------------- export format
+
+
+def test_export_round_trip_and_incomplete_directory(tmp_path):
+    from model.unet import UNet
+    from pipelines.export import INDEX_FILE, ExportInfo, load_exported, write_export
+    from pipelines.loader import read_manifest
+    from pipelines.sampling import EncoderSources
+    from pipelines.synthetic_features import write_synthetic_features
+
+    features = tmp_path / "features"
+    manifest = write_synthetic_features(str(features), rows=4)
+    unet_cfg = PRESETS["tiny"]
+    weights = UNet(unet_cfg).state_dict()
+    info = ExportInfo(weights="ema", step=3, schedule=from_dict(TrainConfig, {}).objective.schedule_config(),
+                      encoders=EncoderSources.from_manifest(read_manifest(str(features))),
+                      latent_shape=tuple(manifest.latent_shape), image_size=manifest.image_size,
+                      scaling_factor=manifest.scaling_factor, shift_factor=manifest.shift_factor, train_config={})
+    out = tmp_path / "model"
+    write_export(str(out), unet_cfg, weights, info, str(features), manifest)
+    write_export(str(out), unet_cfg, weights, info, str(features), manifest)  # replacing an export works
+    model = load_exported(out)
+    assert all(torch.equal(model.unet.state_dict()[k], v) for k, v in weights.items())
+    assert model.empty_caption[0].shape == tuple(manifest.text_shape) and model.index["step"] == 3
+    vae, text = model.encoders.build()
+    assert vae.id == manifest.vae["id"] and text.id == manifest.text_encoder["id"]
+    (out / INDEX_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="not an exported model"):
+        load_exported(out)

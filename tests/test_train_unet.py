@@ -1,0 +1,221 @@
+"""jobs/train_unet.py end to end on CPU: real Ray Train, real DeepSpeed on gloo, a real MLflow SQLite store,
+real features of the synthetic shapes (tiny VAE + tiny text tower).
+
+The fits are module-scoped fixtures, each run once and shared by the tests that look at it:
+- ref:     ZeRO-2, 12 steps without interruption (the reference trajectory)
+- split:   the same config stopped at step 6, then rerun with the same name up to 12 (resume by name)
+- killed:  the same config, a Ray Train worker SIGKILLed after the first checkpoint (automatic resume)
+- zero1 / zero3: the same config under ZeRO-1 (with MLflow unreachable) and ZeRO-3
+- overfit: a 16-image set, 30 steps, sample grids and a registered model
+"""
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipelines import checkpoint
+from pipelines.config import ConfigError, apply_override, from_dict
+from pipelines.export import load_exported
+from pipelines.synthetic_features import write_synthetic_features
+from pipelines.train_config import TrainConfig
+from pipelines.training import run_training
+
+pytestmark = pytest.mark.slow
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_synthetic_features(str(root / "features"), rows=32, shards=2)
+    write_synthetic_features(str(root / "small"), rows=16, shards=1, seed=1)
+    return root
+
+
+def make_cfg(work: Path, name: str, *overrides: str, features: str = "features") -> TrainConfig:
+    values = yaml.safe_load(CONFIG.read_text())
+    settings = [f"features_dir={work / features}", f"storage_path={work / 'runs'}", f"run_name={name}",
+                f"max_steps={STEPS}", "log_every=1", "batch.global_batch=16", "batch.micro_batch=8",
+                "lr.kind=constant", "lr.warmup_steps=0", "checkpoint.every_steps=6", "samples.every_steps=0",
+                "samples.prompts=[a large red circle in the top left]", "samples.seeds=[0]",
+                "samples.sampler.steps=4", f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+                "mlflow.experiment=tests", "mlflow.system_metrics=false", *overrides]
+    for assignment in settings:
+        apply_override(values, assignment)
+    return from_dict(TrainConfig, values)
+
+
+def losses(work: Path, run_id: str) -> dict[int, float]:
+    """Per-step loss of an MLflow run; a step logged twice (re-run after a failure) keeps its last value."""
+    from mlflow import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{work / 'mlflow.db'}").get_metric_history(run_id, "loss")
+    return {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
+
+
+def exported_weights(result) -> dict[str, torch.Tensor]:
+    return load_file(Path(result.export_dir) / "unet" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ref(work, ray_local):
+    return run_training(make_cfg(work, "ref"))
+
+
+def test_two_zero2_workers_train_checkpoint_export_and_log(work, ref):
+    history = losses(work, ref.mlflow_run_id)
+    assert sorted(history) == list(range(1, STEPS + 1))
+    assert all(np.isfinite(list(history.values())))
+    assert ref.steps == STEPS
+    model = load_exported(ref.export_dir)
+    assert model.index["step"] == STEPS and model.index["weights"] == "ema"
+    assert model.latent_shape == (4, 16, 16)
+    # keep=2 of the tiny config: checkpoints of steps 6 and 12 remain, both complete
+    kept = sorted(p for p in Path(ref.run_dir).glob("checkpoint_*") if p.is_dir())
+    assert [checkpoint.read_meta(str(p))["step"] for p in kept] == [6, 12]
+
+
+@pytest.fixture(scope="module")
+def split(work, ray_local):
+    first = run_training(make_cfg(work, "split", "max_steps=6"))
+    assert first.steps == 6 and first.resumed_from is None
+    second = run_training(make_cfg(work, "split"))
+    assert second.resumed_from is not None and second.mlflow_run_id == first.mlflow_run_id
+    return second
+
+
+def test_resume_by_run_name_gives_bit_identical_losses_and_weights(work, ref, split):
+    assert losses(work, split.mlflow_run_id) == losses(work, ref.mlflow_run_id)
+    a, b = exported_weights(ref), exported_weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list) -> None:
+    import psutil
+
+    deadline = time.time() + 600
+    while time.time() < deadline and not killed:
+        if any((p / checkpoint.META_FILE).is_file() for p in run_dir.glob("checkpoint_*")):
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    killed.append(proc.info["pid"])
+                    return
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def killed(work, ray_local):
+    cfg = make_cfg(work, "killed", "checkpoint.every_steps=2", "max_failures=1")
+    pids: list[int] = []
+    watcher = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(work / "runs" / "killed", pids))
+    watcher.start()
+    result = run_training(cfg)
+    watcher.join()
+    return result, pids
+
+
+def test_sigkilled_worker_is_replaced_and_the_run_finishes_exactly(work, ref, killed):
+    result, pids = killed
+    assert pids, "no Ray Train worker was found to kill"
+    assert losses(work, result.mlflow_run_id) == losses(work, ref.mlflow_run_id)
+    a, b = exported_weights(ref), exported_weights(result)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero1_and_zero3_train_to_the_same_weights(work, ray_local, ref, stage, caplog):
+    overrides = [f"deepspeed.zero_stage={stage}"]
+    if stage == 1:  # also: an unreachable tracking server only warns
+        overrides.append("mlflow.tracking_uri=http://127.0.0.1:9")
+    result = run_training(make_cfg(work, f"zero{stage}", *overrides))
+    assert result.steps == STEPS
+    a, b = exported_weights(ref), exported_weights(result)
+    # Same data, same draws, same math: only the order of the gradient reductions differs.
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    if stage == 1:
+        assert result.mlflow_run_id is None
+        assert any("MLflow at http://127.0.0.1:9 failed" in r.getMessage() for r in caplog.records)
+
+
+def test_overfit_run_logs_params_metrics_images_and_registers_the_model(work, ray_local):
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    cfg = make_cfg(work, "overfit", "max_steps=30", "samples.every_steps=15", "mlflow.registered_model=tiny-test",
+                   "lr.warmup_steps=5", features="small")
+    result = run_training(cfg)
+    history = [v for _, v in sorted(losses(work, result.mlflow_run_id).items())]
+    assert len(history) == 30 and np.isfinite(history).all()
+    assert np.mean(history[-5:]) < 0.7 * np.mean(history[:5]), history
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.params["deepspeed.zero_stage"] == "2" and run.data.params["max_steps"] == "30"
+    assert run.data.tags["git_commit"] and run.data.tags["dataset_manifest_sha256"]
+    assert run.data.tags["version.deepspeed"] and run.info.status == "FINISHED"
+    for metric in ("lr", "grad_norm", "images_per_s", "skipped_steps"):
+        assert metric in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
+    assert {"config.json", "model", "images"} <= artifacts
+    assert len(client.list_artifacts(result.mlflow_run_id, "images")) >= 2  # grids at steps 15 and 30
+    assert "model/model_index.json" in {a.path for a in client.list_artifacts(result.mlflow_run_id, "model")}
+
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny-test/1")
+    out = pyfunc.predict(pd.DataFrame({"prompt": ["a large red circle in the top left"], "seed": [3]}),
+                         params={"steps": 4, "guidance_scale": 2.0})
+    assert len(out) == 1 and out["png"][0][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------- bad input, before training
+
+
+def test_bad_inputs_are_clear_errors_before_training(work):
+    with pytest.raises(ConfigError, match="context_dim"):
+        run_training(make_cfg(work, "bad", "model.overrides={context_dim: 32}"))
+    with pytest.raises(ConfigError, match="not divisible"):
+        run_training(make_cfg(work, "bad", "batch.global_batch=20"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_training(make_cfg(work, "bad", f"checkpoint.resume_from={work / 'nowhere'}"))
+    with pytest.raises(ConfigError, match="unknown config key"):
+        make_cfg(work, "bad", "deepspeed.zero_stag=2")
+
+
+def test_unknown_key_exits_2_from_the_job(work, capsys):
+    from jobs.train_unet import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(CONFIG), "--set", "optimizer.lr=1"])
+    assert exit_info.value.code == 2
+    assert "optimizer" in capsys.readouterr().err
+
+
+def test_truncated_or_foreign_checkpoint_is_refused(work, ref, tmp_path):
+    import shutil
+
+    latest = checkpoint.latest_checkpoint(ref.run_dir)
+    copy = tmp_path / "ckpt"
+    shutil.copytree(latest, copy)
+    with pytest.raises(checkpoint.CheckpointError, match="another config"):
+        run_training(make_cfg(work, "foreign", f"checkpoint.resume_from={copy}", "objective.min_snr_gamma=1.0"))
+    with pytest.raises(checkpoint.CheckpointError, match="workers"):
+        checkpoint.verify(str(copy), 4, {})
+    shard = next(copy.rglob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(checkpoint.CheckpointError, match="damaged"):
+        run_training(make_cfg(work, "truncated", f"checkpoint.resume_from={copy}"))
+    (copy / checkpoint.META_FILE).unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="incomplete"):
+        run_training(make_cfg(work, "truncated", f"checkpoint.resume_from={copy}"))
