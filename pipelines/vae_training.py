@@ -19,10 +19,10 @@ Why these choices:
   pretrained VGG weights that cannot be downloaded here. Both terms are divided by the number of pixel
   values (3*H*W) per image, so kl_weight means what it meant in SD (ratio of per-image KL sum to
   per-image reconstruction sum; SD used 1e-6).
-- Data: each rank streams its own shards (shard order shuffled per epoch with one seed shared by all
-  ranks, shards r::W to rank r; rows r::W of every shard when there are fewer shards than ranks),
-  through a seeded shuffle buffer. Decoding happens in the training process: at VAE resolutions a
-  JPEG decode is cheap next to a VAE step.
+- Data: each rank streams its own shards (in epoch e, shard i goes to rank (i + e) % W, so the parts
+  are disjoint and rotate; rows instead of shards when there are fewer shards than ranks), in a
+  seeded order and through a seeded shuffle buffer. Decoding happens in the training process: at VAE
+  resolutions a JPEG decode is cheap next to a VAE step.
 - Resume: rank 0 reports a checkpoint (weights, optimizer, step, config) every checkpoint_every steps
   and at the end; a rerun with the same run_name and storage_path continues from the latest one (and
   only exports again when it was already complete). It is not bit-exact: the data order after a
@@ -64,7 +64,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 log = logging.getLogger("latentforge.train_vae")
 
 REPORT_FILE = "train_vae_report.json"
-CHECKPOINT_FILE = "state.pt"
+CHECKPOINT_FILE = "state.pt"  # weights, optimizer, TrainState
+CHECKPOINT_CONFIG_FILE = "config.json"  # the config the checkpoint was trained with (small: the driver reads it)
 LOSSES = ("l1", "l2")
 GRID_KEY = "reconstructions"  # MLflow image key (no '/')
 EXPORT_ARTIFACT_PATH = "vae"
@@ -141,10 +142,14 @@ def _check_settings(cfg: TrainVAEConfig) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if t.loss not in LOSSES:
         raise ConfigError(f"train.loss must be one of {LOSSES}, got {t.loss!r}")
-    if not t.lr > 0 or t.kl_weight < 0 or t.weight_decay < 0 or t.grad_clip < 0:
-        raise ConfigError("train.lr must be > 0; train.kl_weight, train.weight_decay, train.grad_clip >= 0")
-    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
-        raise ConfigError(f"train.warmup_steps must be in [0, train.steps={t.steps}], got {t.warmup_steps}")
+    if t.kl_weight < 0 or t.weight_decay < 0 or t.grad_clip < 0:
+        raise ConfigError("train.kl_weight, train.weight_decay and train.grad_clip must be >= 0")
+    from pipelines.train_policy import LRSchedule
+
+    try:  # the schedule's own checks (lr > 0, warm-up within the steps, a known kind)
+        LRSchedule(t.lr, t.warmup_steps, t.steps, t.lr_schedule)
+    except ValueError as err:
+        raise ConfigError(f"train.lr / train.warmup_steps / train.lr_schedule: {err}") from None
     if cfg.scaling.cpus_per_worker <= 0 or cfg.failure.max_failures < 0:
         raise ConfigError("scaling.cpus_per_worker must be > 0 and failure.max_failures >= 0")
 
@@ -220,7 +225,7 @@ def first_images(input_dir: str, shard_names: list[str], image_size: int, count:
 
 
 class ImageStream:
-    """One rank's endless, shuffled stream of training batches (see the module docstring)."""
+    """One rank's endless, shuffled stream of training images (see the module docstring)."""
 
     def __init__(self, input_dir: str, shard_names: list[str], image_size: int, rank: int, world_size: int,
                  seed: int, shuffle_buffer: int) -> None:
@@ -229,21 +234,25 @@ class ImageStream:
         self.dropped: Counter = Counter()
 
     def epoch(self, epoch: int) -> Iterator[np.ndarray]:
-        """This rank's images of one epoch, in file order."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))  # same on all ranks
-        names = [self.shards[i] for i in order]
-        if len(names) >= self.world_size:
-            return iter_images(self.input_dir, names[self.rank::self.world_size], self.image_size,
-                               dropped=self.dropped)
-        return iter_images(self.input_dir, names, self.image_size, dropped=self.dropped,
-                           keep=lambda index: index % self.world_size == self.rank)
+        """This rank's images of one epoch. Item i (a shard, or a row when there are fewer shards than
+        ranks) goes to rank (i + epoch) % W: the ranks' parts are disjoint and cover the data, and
+        over W epochs every rank sees every item once. Its shards are read in a seeded random order."""
+        def mine(i: int) -> bool:
+            return (i + epoch) % self.world_size == self.rank
+
+        if len(self.shards) < self.world_size:
+            return iter_images(self.input_dir, self.shards, self.image_size, keep=mine, dropped=self.dropped)
+        names = [name for i, name in enumerate(self.shards) if mine(i)]
+        order = np.random.default_rng([self.seed, epoch, self.rank]).permutation(len(names))
+        return iter_images(self.input_dir, [names[i] for i in order], self.image_size, dropped=self.dropped)
 
     def images(self) -> Iterator[np.ndarray]:
-        """Epoch after epoch through a shuffle buffer; an epoch without images is an error."""
-        rng = np.random.default_rng([self.seed, 1_000_003, self.rank])
+        """Epoch after epoch through a shuffle buffer. A rank can draw only empty shards in one epoch;
+        W empty epochs in a row mean it met every shard and none had a decodable image."""
+        rng = np.random.default_rng([self.seed, self.rank])
         buffer: list[np.ndarray] = []
-        epoch = 0
-        while True:
+        epoch, empty_epochs = 0, 0
+        while empty_epochs < self.world_size:
             seen = 0
             for image in self.epoch(epoch):
                 seen += 1
@@ -253,12 +262,10 @@ class ImageStream:
                 slot = int(rng.integers(len(buffer)))
                 yield buffer[slot]
                 buffer[slot] = image
-            if not seen:
-                raise RuntimeError(
-                    f"rank {self.rank} of {self.world_size} found no decodable image in its part of "
-                    f"{self.input_dir} ({len(self.shards)} shards, dropped: {dict(self.dropped)}); "
-                    f"use fewer workers or more non-empty shards")
+            empty_epochs = 0 if seen else empty_epochs + 1
             epoch += 1
+        raise RuntimeError(f"no decodable image in any of the {len(self.shards)} shards of {self.input_dir} "
+                           f"(dropped: {dict(self.dropped)})")
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """(B, 3, S, S) float32 batches, endlessly."""
@@ -386,7 +393,8 @@ class _Worker:
 
 
 def _restore(vae: "AutoencoderKL", cfg: TrainVAEConfig) -> tuple[TrainState, dict | None]:
-    """Load the latest checkpoint of this run into `vae`; -> (state, optimizer state or None)."""
+    """Load the latest checkpoint of this run into `vae` (the driver checked that it was trained with
+    this vae and image_size: check_resume); -> (state, optimizer state or None)."""
     import ray.train
     import torch
 
@@ -395,12 +403,6 @@ def _restore(vae: "AutoencoderKL", cfg: TrainVAEConfig) -> tuple[TrainState, dic
         return TrainState(), None
     with checkpoint.as_directory() as directory:
         saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    before = from_dict(TrainVAEConfig, saved["config"])
-    if (before.vae, before.image_size) != (cfg.vae, cfg.image_size):
-        raise ValueError(
-            f"run {cfg.run_name!r} in {cfg.storage_path} was trained with vae={before.vae}, "
-            f"image_size={before.image_size}, not vae={cfg.vae}, image_size={cfg.image_size}: "
-            f"use another run_name (or storage_path) for a new model")
     vae.load_state_dict(saved["model"])
     state = TrainState(**saved["state"])
     log.info("resuming run %s at step %d (%d images seen)", cfg.run_name, state.step, state.images_seen)
@@ -418,8 +420,8 @@ def _save_checkpoint(w: _Worker, vae: "AutoencoderKL", optimizer: Any, state: Tr
         return
     with tempfile.TemporaryDirectory() as directory:
         torch.save({"model": vae.state_dict(), "optimizer": optimizer.state_dict(),
-                    "state": dataclasses.asdict(state), "config": to_dict(w.cfg)},
-                   Path(directory) / CHECKPOINT_FILE)
+                    "state": dataclasses.asdict(state)}, Path(directory) / CHECKPOINT_FILE)
+        storage.write_json(str(Path(directory) / CHECKPOINT_CONFIG_FILE), to_dict(w.cfg))  # for check_resume
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -455,7 +457,7 @@ class _Window:
 
 
 def _train_steps(w: _Worker, model: Any, vae: "AutoencoderKL", optimizer: Any, state: TrainState,
-                 grid: "torch.Tensor") -> None:
+                 grid: "torch.Tensor | None") -> None:
     """Steps state.step .. train.steps: LR schedule, non-finite guard, logging, grids, checkpoints."""
     import torch
 
@@ -465,8 +467,9 @@ def _train_steps(w: _Worker, model: Any, vae: "AutoencoderKL", optimizer: Any, s
     schedule = LRSchedule(t.lr, t.warmup_steps, t.steps, t.lr_schedule)
     guard = NonFiniteGuard(NonFinitePolicy(t.max_nonfinite_steps))
     guard.load_state_dict(state.guard)
-    stream = ImageStream(w.cfg.input_dir, _shards(w.cfg), w.cfg.image_size, w.rank, w.world_size,
-                         seed=t.seed + state.step, shuffle_buffer=t.shuffle_buffer)
+    cfg = w.cfg
+    stream = ImageStream(cfg.input_dir, list_input_shards(cfg.input_dir), cfg.image_size, w.rank, w.world_size,
+                         seed=t.seed + state.step, shuffle_buffer=t.shuffle_buffer)  # a resume reshuffles
     batches, window, started = stream.batches(t.batch_size), _Window(), time.perf_counter()
     for step in range(state.step, t.steps):
         lr = schedule.apply(optimizer, step)
@@ -501,16 +504,13 @@ def _log_progress(w: _Worker, state: TrainState) -> None:
              w.cfg.train.steps, m["loss"], m["recon"], m["kl"], m["lr"], m["images_per_s"])
 
 
-def _shards(cfg: TrainVAEConfig) -> list[str]:
-    return list_input_shards(cfg.input_dir)
-
-
 def _export(w: _Worker, vae: "AutoencoderKL", state: TrainState) -> dict[str, Any]:
     """Rank 0 after training: final grid, scaling factor, export, MLflow artifacts; -> the report."""
     import torch
 
     cfg, t = w.cfg, w.cfg.train
-    sample = first_images(cfg.input_dir, _shards(cfg), cfg.image_size, max(cfg.scaling_factor_images, t.grid_images))
+    sample = first_images(cfg.input_dir, list_input_shards(cfg.input_dir), cfg.image_size,
+                          max(cfg.scaling_factor_images, t.grid_images))
     grid = torch.from_numpy(sample[:t.grid_images]).to(w.device)
     w.tracker.log_image(reconstruction_grid(vae, grid), GRID_KEY, state.step)
     stats = latent_statistics(vae, sample[:cfg.scaling_factor_images], t.batch_size, t.seed)
@@ -552,11 +552,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     torch.manual_seed(cfg.train.seed * 100_003 + rank * 1_009 + state.step)  # posterior noise per rank
-    grid = torch.from_numpy(first_images(cfg.input_dir, _shards(cfg), cfg.image_size, cfg.train.grid_images))
-    if rank == 0:
+    grid = None
+    if rank == 0:  # the same images in every grid of the run, so the grids show progress
+        grid = torch.from_numpy(first_images(cfg.input_dir, list_input_shards(cfg.input_dir), cfg.image_size,
+                                             cfg.train.grid_images)).to(w.device)
         w.tracker.start_system_metrics()
     try:
-        _train_steps(w, model, vae, optimizer, state, grid.to(w.device))
+        _train_steps(w, model, vae, optimizer, state, grid)
         if rank == 0:
             report = _export(w, vae, state)
             log.info("exported the VAE to %s (scaling factor %.5f)", cfg.output_dir, report["scaling_factor"])
@@ -596,9 +598,34 @@ def build_trainer(cfg: TrainVAEConfig, run_id: str | None):
     )
 
 
+def check_resume(cfg: TrainVAEConfig) -> str | None:
+    """The checkpoint a rerun of run_name continues from, or None; ConfigError when it was trained
+    with another VAE or image size (a resume would silently mix two models)."""
+    from pipelines.checkpoint import latest_checkpoint
+
+    run_dir = storage.join(storage.absolute(cfg.storage_path), cfg.run_name)
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        return None
+    config_file = storage.join(found, CHECKPOINT_CONFIG_FILE)
+    if not storage.is_file(config_file):
+        raise ConfigError(f"run_name {cfg.run_name!r}: the latest checkpoint in {run_dir} has no "
+                          f"{CHECKPOINT_CONFIG_FILE}, so it is not a VAE training checkpoint (another job's run?); "
+                          f"choose another run_name or storage_path")
+    saved, current = storage.read_json(config_file), to_dict(cfg)
+    model_keys = ("vae", "image_size")
+    if any(saved.get(key) != current[key] for key in model_keys):
+        raise ConfigError(
+            f"run_name {cfg.run_name!r} already has checkpoints in {run_dir} trained with "
+            f"{ {k: saved.get(k) for k in model_keys} }, not { {k: current[k] for k in model_keys} }: choose "
+            f"another run_name (or storage_path) for a new model, or the same settings to resume")
+    log.info("continuing run %s from %s", cfg.run_name, found)
+    return found
+
+
 def train_vae(cfg: TrainVAEConfig) -> dict[str, Any]:
     """Open the MLflow run, train on Ray Train, return the export's report. Ray must be running;
-    call check_inputs first. Raises ray.train.TrainingFailedError when training fails."""
+    call check_inputs and check_resume first. Raises ray.train.TrainingFailedError when training fails."""
     import ray.train
 
     tracker = Tracker.open(cfg.mlflow, cfg.run_name, tags={"latentforge.job": "train_vae"})
@@ -625,15 +652,16 @@ def _failure_message(err: Exception) -> str:
 
 def run(cfg: TrainVAEConfig) -> int:
     """The job: validate, start or join Ray, train, export. -> exit status 0 / 1 (failed) / 2 (bad config)."""
+    try:
+        check_inputs(cfg)
+        check_resume(cfg)
+    except ConfigError as err:
+        log.error("config error: %s", err)
+        return 2
     import ray.train
 
     from pipelines.runtime import init_ray
 
-    try:
-        check_inputs(cfg)
-    except ConfigError as err:
-        log.error("config error: %s", err)
-        return 2
     init_ray(cfg.ray_num_cpus)
     try:
         report = train_vae(cfg)

@@ -1,0 +1,214 @@
+"""VAE training job on a real local Ray (Ray Train, 2 gloo workers), a real MLflow SQLite store and
+the tiny AutoencoderKL: training lowers the loss, the export loads through model/encoders with the
+scaling factor recomputed here from its definition, MLflow holds the run, a rerun resumes.
+
+Input: 3 WebDataset shards of synthetic shapes (pipelines/synthetic.py), written as the filter stage
+writes them (NNNNN.tar with .jpg/.txt/.json), at 32 px to keep the CPU steps short.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.config import from_dict
+from pipelines.precompute import decode_image
+from pipelines.synthetic import caption_for, encode_image, render, training_attributes
+from pipelines.vae_training import REPORT_FILE, ImageStream, TrainVAEConfig, run
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "train_vae.py"
+SHARDS, PER_SHARD, SIZE = 3, 8, 32
+STEPS, BATCH, WORKERS = 24, 4, 2
+EXPERIMENT = "train-vae-test"
+
+
+def write_synthetic_shards(root: Path, shards: int, per_shard: int) -> None:
+    """Filtered-stage-like shards of distinct synthetic shapes (same writer as tests/test_precompute.py)."""
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    attributes = training_attributes()
+    for s in range(shards):
+        with wds.TarWriter(str(root / f"{s:05d}.tar")) as sink:
+            for i in range(per_shard):
+                attrs = attributes[(s * per_shard + i) * 7 % len(attributes)]  # spread over shapes and colours
+                sink.write({"__key__": f"{s:04d}{i:04d}", "jpg": encode_image(render(attrs, SIZE), "jpeg"),
+                            "txt": caption_for(attrs), "json": {"attributes": attrs.as_dict()}})
+
+
+def make_config(input_dir: Path, tmp: Path, overrides: dict | None = None) -> TrainVAEConfig:
+    values = {
+        "input_dir": str(input_dir), "output_dir": str(tmp / "vae"), "run_name": "vae-test",
+        "storage_path": str(tmp / "ray_results"), "image_size": SIZE, "scaling_factor_images": 12,
+        "train": {"steps": STEPS, "batch_size": BATCH, "lr": 2e-3, "warmup_steps": 0, "log_every": 4,
+                  "image_every": 12, "checkpoint_every": 12, "grid_images": 4, "shuffle_buffer": 16},
+        "scaling": {"num_workers": WORKERS},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": EXPERIMENT,
+                   "system_metrics": False},
+    }
+    for key, value in (overrides or {}).items():
+        values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
+    return from_dict(TrainVAEConfig, values)
+
+
+def decoded_in_sorted_order(input_dir: Path, count: int) -> torch.Tensor:
+    """The first `count` images of the sorted shards, read with tarfile: (N, 3, S, S)."""
+    images = []
+    for path in sorted(input_dir.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".jpg") and len(images) < count:
+                    images.append(decode_image(tar.extractfile(member).read(), SIZE))
+    return torch.from_numpy(np.stack(images))
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train_vae")
+    write_synthetic_shards(tmp / "filtered", SHARDS, PER_SHARD)
+    cfg = make_config(tmp / "filtered", tmp)
+    assert run(cfg) == 0
+    return cfg, tmp
+
+
+def _mlflow_run(cfg: TrainVAEConfig):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, "one MLflow run per run_name, resumes included"
+    return client, runs[0]
+
+
+def test_training_lowers_the_loss_and_mlflow_holds_the_run(trained):
+    cfg, _ = trained
+    client, mlflow_run = _mlflow_run(cfg)
+    assert mlflow_run.info.status == "FINISHED"
+    params = mlflow_run.data.params
+    assert params["train.steps"] == str(STEPS) and params["scaling.num_workers"] == str(WORKERS)
+    losses = [m.value for m in sorted(client.get_metric_history(mlflow_run.info.run_id, "loss"),
+                                      key=lambda m: m.step)]
+    assert len(losses) == STEPS // 4 and all(np.isfinite(losses))
+    assert losses[-1] < 0.6 * losses[0], losses  # from a grey output towards the white canvas and shapes
+    for key in ("recon", "kl", "lr", "images_per_s", "scaling_factor"):
+        assert key in mlflow_run.data.metrics
+    top = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
+    assert {"images", "vae", "train_vae_config.json"} <= top
+    images = client.list_artifacts(mlflow_run.info.run_id, "images")
+    assert any("reconstructions" in a.path and a.path.endswith(".png") for a in images)
+    exported = {Path(a.path).name for a in client.list_artifacts(mlflow_run.info.run_id, "vae")}
+    assert {"config.json", "diffusion_pytorch_model.safetensors", REPORT_FILE} <= exported
+
+
+def test_export_loads_with_the_measured_scaling_factor(trained):
+    """build_vae(output_dir) -> the factor in config.json is 1 / std of posterior samples of the first
+    12 images, recomputed here with diffusers directly (same seed, same batches)."""
+    from diffusers import AutoencoderKL
+
+    from model.encoders import build_vae
+    from pipelines.storage import read_json
+
+    cfg, _ = trained
+    report = read_json(Path(cfg.output_dir) / REPORT_FILE)
+    assert report["steps"] == STEPS and report["images_seen"] == STEPS * BATCH * WORKERS
+    assert report["start_step"] == 0 and report["scaling_images"] == 12 and report["images_per_second"] > 0
+
+    vae = build_vae(cfg.output_dir)
+    assert vae.id.startswith("diffusers:") and vae.shift_factor == 0.0
+    assert vae.latent_shape(SIZE, SIZE) == (4, SIZE // 4, SIZE // 4)
+    assert vae.scaling_factor == pytest.approx(report["scaling_factor"], rel=1e-6)
+
+    raw = AutoencoderKL.from_pretrained(cfg.output_dir).eval()
+    images, generator = decoded_in_sorted_order(Path(cfg.input_dir), 12), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        latents = torch.cat([raw.encode(images[i:i + BATCH]).latent_dist.sample(generator=generator)
+                             for i in range(0, len(images), BATCH)])
+    assert vae.scaling_factor == pytest.approx(1.0 / latents.double().std().item(), rel=1e-4)
+    assert not [p for p in Path(cfg.output_dir).parent.iterdir() if p.name.startswith(".")]  # no temporaries
+
+
+def test_rerun_with_the_same_name_resumes(trained):
+    """More steps under the same run_name continue from the last checkpoint (step 24), in the same
+    MLflow run, and the export is replaced."""
+    from pipelines.storage import read_json
+
+    cfg, tmp = trained
+    more = make_config(Path(cfg.input_dir), tmp, {"train": {"steps": STEPS + 4}})
+    assert run(more) == 0
+    report = read_json(Path(cfg.output_dir) / REPORT_FILE)
+    assert report["start_step"] == STEPS and report["steps"] == STEPS + 4
+    assert report["images_seen"] == (STEPS + 4) * BATCH * WORKERS
+    _, mlflow_run = _mlflow_run(cfg)
+    assert mlflow_run.data.params["train.steps"] == str(STEPS)  # params are the first run's; MLflow keeps them
+
+
+def test_rerun_with_another_vae_under_the_same_name_is_refused(trained, caplog):
+    """Checked in the driver from the checkpoint's config.json, before Ray Train starts."""
+    cfg, tmp = trained
+    other = make_config(Path(cfg.input_dir), tmp, {"vae": {"seed": 1}})
+    with caplog.at_level(logging.ERROR, logger="latentforge.train_vae"):
+        assert run(other) == 2
+    assert "already has checkpoints" in caplog.text and "another run_name" in caplog.text
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"input_dir": "/nonexistent/filtered"}, "input_dir"),
+    ({"image_size": 30}, "downsample factor 4"),
+    ({"train": {"loss": "l3"}}, "train.loss"),
+])
+def test_bad_input_is_a_clear_config_error(tmp_path, caplog, change, message):
+    write_synthetic_shards(tmp_path / "filtered", 1, 1)
+    cfg = make_config(tmp_path / "filtered", tmp_path, change)
+    with caplog.at_level(logging.ERROR, logger="latentforge.train_vae"):
+        assert run(cfg) == 2
+    assert message in caplog.text and not (tmp_path / "vae").exists()
+
+
+@pytest.mark.parametrize("shards, world_size", [(3, 2), (1, 2)])
+def test_ranks_read_disjoint_parts_that_cover_the_data(tmp_path, shards, world_size):
+    """Shards per rank when there are enough shards, rows of every shard otherwise; the parts rotate."""
+    write_synthetic_shards(tmp_path, shards, 5)
+    names = [p.name for p in tmp_path.glob("*.tar")]
+    everything = sorted(image.tobytes() for image in decoded_in_sorted_order(tmp_path, shards * 5).numpy())
+    for epoch in (0, 1):
+        parts = [[image.tobytes() for image in ImageStream(str(tmp_path), names, SIZE, rank, world_size,
+                                                            seed=3, shuffle_buffer=4).epoch(epoch)]
+                 for rank in range(world_size)]
+        assert all(parts) and sorted(sum(parts, [])) == everything
+        if epoch == 0:
+            first = parts
+    assert first != parts
+
+
+def test_a_rank_given_an_empty_shard_still_trains_and_no_images_at_all_is_an_error(tmp_path):
+    write_synthetic_shards(tmp_path / "half", 1, 3)
+    with tarfile.open(tmp_path / "half" / "00001.tar", "w"):
+        pass  # an empty shard, as a filter that dropped every sample writes it
+    for rank in (0, 1):
+        stream = ImageStream(str(tmp_path / "half"), ["00000.tar", "00001.tar"], SIZE, rank, 2, seed=0,
+                             shuffle_buffer=2)
+        assert next(stream.batches(4)).shape == (4, 3, SIZE, SIZE)
+    (tmp_path / "none").mkdir()
+    with tarfile.open(tmp_path / "none" / "00000.tar", "w"):
+        pass
+    stream = ImageStream(str(tmp_path / "none"), ["00000.tar"], SIZE, 0, 2, seed=0, shuffle_buffer=2)
+    with pytest.raises(RuntimeError, match="no decodable image in any of the 1 shards"):
+        next(stream.batches(1))
+
+
+def test_job_help_and_config_errors():
+    result = subprocess.run([sys.executable, str(JOB), "--help"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and "scaling factor" in result.stdout
+    bad = subprocess.run([sys.executable, str(JOB), "--config", "configs/tiny/train_vae.yaml",
+                          "--set", "train.lr=fast"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "train.lr" in bad.stderr
