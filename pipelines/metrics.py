@@ -1,0 +1,435 @@
+"""Metrics for generated images: synthetic-caption accuracy, CLIP score and FID.
+
+    score = score_image(image, "a small red circle in the top left")   # one image, JSON-ready dict
+    report = synthetic_accuracy(scores)                                # per split: seen / held_out / overall
+    clip = clip_score(images, prompts, "ViT-H-14", "/weights/open_clip.bin")   # MetricResult
+    dist = fid(real_images, images, weights_path="/weights/inception-2015-12-05.pt")  # MetricResult
+
+Synthetic-caption accuracy needs no weights: `read_attributes` is a deterministic pixel checker that
+reads colour, shape, size and position back from an image of the synthetic vocabulary
+(pipelines/synthetic.py) and `score_image` compares that with what the prompt asks for. It is built
+for what a small diffusion model behind a small VAE draws: blurry, slightly off-colour, soft-edged
+shapes on an almost-white background with faint noise.
+
+CLIP score and FID need weights, which this module never downloads: given none, they come back as
+MetricResult(computed=False, reason=...), never as a made-up number; a weights path that does not
+exist is an error. Images everywhere are (H, W, 3) uint8 RGB arrays (or a stacked (N, H, W, 3) array).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+from torch import nn
+
+from pipelines.synthetic import COLORS, POSITIONS, SIZES, Attributes, parse_caption, position_center
+
+ATTRIBUTE_NAMES = ("shape", "color", "size", "position")
+SPLITS = ("seen", "held_out")
+
+# ---- checker thresholds (measured margins in the module tests and the issue note) ------------------
+# A pixel is a foreground candidate when its RGB distance from white exceeds this. Background noise of
+# sigma 8 per channel sits around 13 (almost never above 40); the palette colours sit at 260-350.
+FOREGROUND_MIN_DISTANCE = 60.0
+# Shapes measured on a binary mask: an upright triangle keeps ~1/4 of its pixels above the middle of
+# its box, circles and squares 1/2; the threshold is midway.
+TRIANGLE_MAX_TOP_FRACTION = 0.375
+# Fill ratio of the box: circle pi/4 ~ 0.785, square 1.0; the threshold is midway.
+SQUARE_MIN_FILL = (math.pi / 4 + 1.0) / 2
+# Box side as a fraction of the image side: small 0.3, large 0.6, the threshold midway. A box under
+# half the small side has no size we draw; one over midway between large and the whole canvas is no
+# shape at all but clutter spanning the image (noise, a dirty background).
+SIZE_THRESHOLD = (SIZES["small"] + SIZES["large"]) / 2
+SIZE_MIN, SPAN_MAX = SIZES["small"] / 2, (SIZES["large"] + 1.0) / 2
+# The closest two palette colours (orange, yellow) are 81 apart; a median further than this from every
+# named colour (grey, black, brown, noise) is read as no colour at all rather than the nearest one.
+COLOR_MAX_DISTANCE = 80.0
+# A blob under a tenth of the smallest shape we draw (small triangle: 0.3^2 / 2 of the canvas) is a speck.
+MIN_BLOB_FRACTION = 0.1 * SIZES["small"] ** 2 / 2
+
+_PALETTE_NAMES = tuple(COLORS)
+_PALETTE = np.array([COLORS[name] for name in _PALETTE_NAMES], dtype=np.float64)  # (6, 3)
+
+
+# ================================================================================ synthetic checker
+
+
+@dataclass(frozen=True)
+class ReadBack:
+    """What the checker read from one image, and the measurements it read it from.
+
+    `color` is None when the blob's colour is near no named colour, `size` None when the blob is far
+    smaller than any shape we draw: both then score wrong against every prompt."""
+
+    shape: str
+    color: str | None
+    size: str | None
+    position: str
+    fill_ratio: float  # blob pixels / box pixels
+    top_fraction: float  # share of blob pixels above the box's middle row
+    side_fraction: float  # longer box side / image side
+    center: tuple[float, float]  # box centre (x, y) in pixels, pixel centres at k + 0.5
+    box: tuple[int, int, int, int]  # inclusive (left, top, right, bottom), as shape_box gives them
+    blob_pixels: int
+    median_rgb: tuple[int, int, int]  # of the blob's more saturated half
+    color_distance: float  # from median_rgb to the nearest named colour
+
+    @property
+    def attributes(self) -> Attributes | None:
+        """The four attributes when every one was read, else None."""
+        if self.color is None or self.size is None:
+            return None
+        return Attributes(self.shape, self.color, self.size, self.position)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def as_rgb_array(image: Any) -> np.ndarray:
+    """(H, W, 3) uint8 from an array of that form or a PIL image; anything else is an error naming it."""
+    if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
+        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image must be an (H, W, 3) uint8 numpy array or a PIL image, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got shape {image.shape} dtype {image.dtype}")
+    return image
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray | None:
+    """The largest 4-connected True region of a (H, W) mask, or None when there is none."""
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return None
+    sizes = np.bincount(labels.ravel())[1:]  # label 0 is the background
+    return labels == int(np.argmax(sizes)) + 1
+
+
+def _core_rgb(image: np.ndarray, blob: np.ndarray, distance: np.ndarray) -> np.ndarray:
+    """Median RGB of the blob's more saturated half: soft edges mixed with white stay out of it."""
+    inside = distance[blob]
+    return np.median(image[blob][inside >= np.median(inside)].astype(np.float64), axis=0)  # (3,)
+
+
+def _find_blob(image: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(blob mask (H, W), core RGB (3,)) of the main shape, or None when there is no foreground.
+
+    Two passes: a low threshold finds the shape, then the shape's own colour sets the edge at half
+    its distance from white, which is where a blurred edge crosses the true outline whatever the colour."""
+    distance = np.sqrt(((255.0 - image.astype(np.float64)) ** 2).sum(axis=-1))  # (H, W)
+    found = _largest_component(distance > FOREGROUND_MIN_DISTANCE)
+    if found is None or found.sum() < MIN_BLOB_FRACTION * image.shape[0] * image.shape[1]:
+        return None
+    core = _core_rgb(image, found, distance)
+    edge = np.sqrt(((255.0 - core) ** 2).sum()) / 2
+    near = ndimage.binary_dilation(found)  # the refined blob may only grow by the one soft-edge pixel
+    blob = _largest_component((distance > edge) & near)
+    blob = found if blob is None else ndimage.binary_fill_holes(blob)
+    return blob, _core_rgb(image, blob, distance)
+
+
+def _read_shape(fill_ratio: float, top_fraction: float) -> str:
+    if top_fraction < TRIANGLE_MAX_TOP_FRACTION:
+        return "triangle"
+    return "square" if fill_ratio >= SQUARE_MIN_FILL else "circle"
+
+
+def _read_size(side_fraction: float) -> str | None:
+    if side_fraction < SIZE_MIN:
+        return None
+    return "small" if side_fraction < SIZE_THRESHOLD else "large"
+
+
+def _read_position(center: tuple[float, float], image_size: int) -> str:
+    def gap(position: str) -> float:
+        px, py = position_center(position, image_size)
+        return math.hypot(center[0] - px, center[1] - py)
+
+    return min(POSITIONS, key=gap)
+
+
+def read_attributes(image: Any) -> ReadBack | None:
+    """Read shape, colour, size and position from a square (H, W, 3) uint8 image. None when it holds no
+    shape: no foreground (a blank image), only specks, or one blob spanning the canvas (noise)."""
+    image = as_rgb_array(image)
+    height, width = image.shape[:2]
+    if height != width:
+        raise ValueError(f"the synthetic checker needs a square image, got {width}x{height}")
+    found = _find_blob(image)
+    if found is None:
+        return None
+    blob, core = found
+    ys, xs = np.nonzero(blob)
+    top, bottom, left, right = int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())
+    box_h, box_w = bottom - top + 1, right - left + 1
+    middle = (top + bottom) / 2  # the triangle's apex is at the top: its pixels sit low in the box
+    top_fraction = float(((ys < middle).sum() + 0.5 * (ys == middle).sum()) / len(ys))
+    fill_ratio = float(len(ys) / (box_h * box_w))
+    side_fraction = max(box_h, box_w) / width
+    if side_fraction > SPAN_MAX:
+        return None
+    center = ((left + right) / 2 + 0.5, (top + bottom) / 2 + 0.5)  # position_center's coordinates
+    gaps = np.sqrt(((_PALETTE - core) ** 2).sum(axis=1))  # (6,)
+    nearest = int(np.argmin(gaps))
+    return ReadBack(
+        shape=_read_shape(fill_ratio, top_fraction),
+        color=_PALETTE_NAMES[nearest] if gaps[nearest] <= COLOR_MAX_DISTANCE else None,
+        size=_read_size(side_fraction), position=_read_position(center, width),
+        fill_ratio=fill_ratio, top_fraction=top_fraction, side_fraction=side_fraction, center=center,
+        box=(left, top, right, bottom), blob_pixels=len(ys),
+        median_rgb=tuple(int(round(v)) for v in core), color_distance=float(gaps[nearest]))
+
+
+def score_image(image: Any, prompt: str) -> dict[str, Any]:
+    """Score one image against its prompt: a JSON-ready dict with
+
+    in_vocabulary  False when parse_caption cannot read the prompt (then every score below is None)
+    split          "seen" or "held_out" (the prompt's (colour, shape) pair is in HELD_OUT_PAIRS)
+    shape, color, size, position, all_correct   bools
+    read           ReadBack.as_dict() of the image, or None (no foreground: every attribute wrong)
+    """
+    wanted = parse_caption(prompt)
+    if wanted is None:
+        return {"in_vocabulary": False, "split": None, **dict.fromkeys(ATTRIBUTE_NAMES),
+                "all_correct": None, "read": None}
+    read = read_attributes(image)
+    hits = {name: read is not None and getattr(read, name) == getattr(wanted, name) for name in ATTRIBUTE_NAMES}
+    return {"in_vocabulary": True, "split": "held_out" if wanted.held_out else "seen", **hits,
+            "all_correct": all(hits.values()), "read": None if read is None else read.as_dict()}
+
+
+def _split_summary(scores: list[Mapping[str, Any]]) -> dict[str, Any]:
+    count = len(scores)
+    summary: dict[str, Any] = {"count": count}
+    for name in (*ATTRIBUTE_NAMES, "all_correct"):
+        summary[name] = sum(bool(s[name]) for s in scores) / count if count else None
+    return summary
+
+
+def synthetic_accuracy(scores: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Aggregate score_image dicts (extra keys such as prompt or seed are ignored):
+
+    {"images": N, "out_of_vocabulary": K,
+     "seen": {"count", "shape", "color", "size", "position", "all_correct"}, "held_out": {...}, "overall": {...}}
+
+    Accuracies are fractions in [0, 1], None for a split without images; out-of-vocabulary prompts are
+    counted, not scored."""
+    by_split: dict[str, list[Mapping[str, Any]]] = {split: [] for split in SPLITS}
+    total = outside = 0
+    for n, score in enumerate(scores):
+        total += 1
+        missing = [k for k in ("in_vocabulary", "split", *ATTRIBUTE_NAMES, "all_correct") if k not in score]
+        if missing:
+            raise KeyError(f"score {n} lacks {missing}: pass the dicts score_image returns")
+        if not score["in_vocabulary"]:
+            outside += 1
+            continue
+        if score["split"] not in by_split:
+            raise ValueError(f"score {n}: split must be one of {SPLITS}, got {score['split']!r}")
+        by_split[score["split"]].append(score)
+    return {"images": total, "out_of_vocabulary": outside,
+            **{split: _split_summary(by_split[split]) for split in SPLITS},
+            "overall": _split_summary(by_split["seen"] + by_split["held_out"])}
+
+
+# ================================================================================ weighted metrics
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """One metric over a set of images. `value` is None exactly when `computed` is False, and then
+    `reason` says why (so a report shows a gap, never a made-up number)."""
+
+    name: str
+    computed: bool
+    value: float | None = None
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.computed == (self.value is None) or (not self.computed and not self.reason):
+            raise ValueError(f"{self.name}: a computed metric has a value, one not computed has a reason")
+
+    @classmethod
+    def not_computed(cls, name: str, reason: str) -> "MetricResult":
+        return cls(name, computed=False, value=None, reason=reason)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _weights_file(weights_path: str | Path, what: str) -> Path:
+    path = Path(weights_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} weights file not found: {weights_path} (nothing is downloaded)")
+    return path.resolve()
+
+
+def _image_list(images: Sequence[Any] | np.ndarray, what: str) -> list[np.ndarray]:
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        images = list(images)  # (N, H, W, 3) -> N x (H, W, 3)
+    try:
+        return [as_rgb_array(image) for image in images]
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{what}: {err}") from None
+
+
+# ---- CLIP score -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClipModel:
+    """An open_clip model with the preprocessing and tokenizer it expects (eval mode, frozen)."""
+
+    model: Any  # open_clip CLIP
+    preprocess: Any  # PIL image -> (3, h, w) tensor
+    tokenizer: Any  # list[str] -> (B, L) token ids
+    name: str
+
+
+def load_clip(model_name: str, weights_path: str | Path, device: str = "cpu") -> ClipModel:
+    """open_clip `model_name` ("ViT-H-14", or "tiny", this project's test config) with weights from a
+    local file; open_clip's default (OpenAI) normalisation applies, as for any file-loaded model."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from model.encoders import _open_clip_name, create_open_clip  # "tiny" -> our registered config
+
+    path = _weights_file(weights_path, "CLIP")
+    model = create_open_clip(model_name, path).eval().requires_grad_(False).to(device)
+    preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    return ClipModel(model, preprocess, open_clip.get_tokenizer(_open_clip_name(model_name)), model_name)
+
+
+def clip_scores(clip: ClipModel, images: Sequence[Any] | np.ndarray, prompts: Sequence[str],
+                batch_size: int = 32) -> np.ndarray:
+    """Per image: 100 * max(cos(image embedding, prompt embedding), 0), the standard CLIP score. (N,)"""
+    arrays = _image_list(images, "clip_score images")
+    if len(arrays) != len(prompts) or not arrays:
+        raise ValueError(f"clip_score needs one prompt per image and at least one image, "
+                         f"got {len(arrays)} images and {len(prompts)} prompts")
+    device = next(clip.model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(arrays), batch_size):
+            chunk = arrays[start:start + batch_size]
+            pixels = torch.stack([clip.preprocess(Image.fromarray(a)) for a in chunk]).to(device)  # (B, 3, h, w)
+            tokens = clip.tokenizer([str(p) for p in prompts[start:start + batch_size]]).to(device)  # (B, L)
+            image_emb = clip.model.encode_image(pixels, normalize=True)  # (B, D)
+            text_emb = clip.model.encode_text(tokens, normalize=True)  # (B, D)
+            out.append((100.0 * (image_emb * text_emb).sum(dim=-1).clamp(min=0)).double().cpu())
+    return torch.cat(out).numpy()
+
+
+def clip_score(images: Sequence[Any] | np.ndarray, prompts: Sequence[str], model_name: str,
+               weights_path: str | Path | None, device: str = "cpu", batch_size: int = 32) -> MetricResult:
+    """Mean CLIP score in [0, 100]; not computed (with the reason) when no weights file is given."""
+    if weights_path is None:
+        return MetricResult.not_computed(
+            "clip_score", "no CLIP weights given (set metrics.clip_weights=/path/to/open_clip.bin)")
+    clip = load_clip(model_name, weights_path, device)
+    scores = clip_scores(clip, images, prompts, batch_size)
+    return MetricResult("clip_score", True, float(scores.mean()),
+                        details={"images": len(scores), "model": model_name, "weights": str(weights_path)})
+
+
+# ---- FID ------------------------------------------------------------------------------------------
+
+
+class ScriptedInception(nn.Module):
+    """The standard FID Inception-v3 from a TorchScript file, behind the feature interface fid() uses."""
+
+    def __init__(self, scripted: nn.Module) -> None:
+        super().__init__()
+        self.scripted = scripted.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> (N, 2048); the network resizes to 299 px and scales to [-1, 1] itself."""
+        return self.scripted(images, return_features=True)
+
+
+def load_inception(weights_path: str | Path) -> ScriptedInception:
+    """`inception-2015-12-05.pt` as used by StyleGAN2-ADA and clean-fid (the TF FID network ported to
+    TorchScript), from a local file: loading it needs torch alone."""
+    path = _weights_file(weights_path, "Inception")
+    try:
+        with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format this file ships in
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.load(str(path), map_location="cpu")
+    except RuntimeError as err:
+        raise ValueError(f"{weights_path} is not a TorchScript Inception file (expected inception-2015-12-05.pt "
+                         f"from StyleGAN2-ADA / clean-fid): {err}") from None
+    return ScriptedInception(scripted)
+
+
+class _CountedFeatures(nn.Module):
+    """A feature module plus the `num_features` torchmetrics reads (else it probes with a 299 px image)."""
+
+    def __init__(self, inner: nn.Module, num_features: int) -> None:
+        super().__init__()
+        self.inner, self.num_features = inner, num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inner(images)
+
+
+def _batches(images: list[np.ndarray], batch_size: int) -> Iterable[torch.Tensor]:
+    """uint8 (B, 3, H, W) tensors, one image size per batch (a reference folder may mix sizes)."""
+    by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for image in images:
+        by_shape.setdefault(image.shape, []).append(image)
+    for group in by_shape.values():
+        for start in range(0, len(group), batch_size):
+            yield torch.from_numpy(np.stack(group[start:start + batch_size])).permute(0, 3, 1, 2).contiguous()
+
+
+def fid(real_images: Sequence[Any] | np.ndarray | None, fake_images: Sequence[Any] | np.ndarray,
+        weights_path: str | Path | None = None, feature: nn.Module | None = None,
+        batch_size: int = 64, device: str = "cpu") -> MetricResult:
+    """Frechet distance between features of real and generated images (torchmetrics' FID).
+
+    Features come from `feature` (any module mapping uint8 (N, 3, H, W) to (N, D); tests use small random
+    ones) or the TorchScript Inception at `weights_path` (the standard FID). Not computed, with the
+    reason, when neither is given or when there are no real images."""
+    if feature is not None and weights_path is not None:
+        raise ValueError("fid: give either weights_path or feature, not both")
+    if feature is None and weights_path is None:
+        return MetricResult.not_computed(
+            "fid", "no Inception weights given (set metrics.fid_weights=/path/to/inception-2015-12-05.pt)")
+    if real_images is None:
+        return MetricResult.not_computed("fid", "no reference images given (set metrics.fid_reference=/folder)")
+    real, fake = _image_list(real_images, "fid real_images"), _image_list(fake_images, "fid fake_images")
+    for what, images in (("real_images", real), ("fake_images", fake)):
+        if len(images) < 2:
+            raise ValueError(f"fid needs at least 2 {what} (a covariance), got {len(images)}")
+    extractor = feature if feature is not None else load_inception(weights_path)
+    value = _frechet_distance(extractor, real, fake, batch_size, device)
+    source = "feature module" if feature is not None else str(weights_path)
+    return MetricResult("fid", True, value, details={"real": len(real), "fake": len(fake), "features": source})
+
+
+def _frechet_distance(extractor: nn.Module, real: list[np.ndarray], fake: list[np.ndarray],
+                      batch_size: int, device: str) -> float:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    extractor = extractor.eval().to(device)
+    with torch.no_grad():
+        probe = next(iter(_batches(real[:1], 1))).to(device)  # (1, 3, H, W)
+        counted = _CountedFeatures(extractor, int(extractor(probe).shape[-1]))
+        metric = FrechetInceptionDistance(feature=counted, normalize=False, reset_real_features=True)
+        metric = metric.to(device).eval()
+        for images, is_real in ((real, True), (fake, False)):
+            for batch in _batches(images, batch_size):
+                metric.update(batch.to(device), real=is_real)
+        value = float(metric.compute())
+    # FID is a squared distance; eigenvalue round-off can leave -1e-6 for identical sets.
+    return max(value, 0.0)
