@@ -27,6 +27,8 @@ import torch
 
 from model.config import UNetConfig
 from model.schedule import NoiseSchedule, ScheduleConfig
+from model.unet import CONFIG_FILE as UNET_CONFIG_FILE
+from model.unet import WEIGHTS_FILE as UNET_WEIGHTS_FILE
 from model.unet import UNet
 from pipelines import storage
 from pipelines.sampling import EncoderSources
@@ -51,6 +53,8 @@ class ExportInfo:
     scaling_factor: float
     shift_factor: float
     train_config: dict[str, Any]
+    run_name: str | None = None  # the training run, for evaluation runs to attach to
+    mlflow_run_id: str | None = None
 
 
 def write_export(out_dir: str, unet_cfg: UNetConfig, weights: dict[str, torch.Tensor], info: ExportInfo,
@@ -71,7 +75,8 @@ def write_export(out_dir: str, unet_cfg: UNetConfig, weights: dict[str, torch.Te
                  "schedule": dataclasses.asdict(info.schedule), "encoders": encoders.to_dict(),
                  "latent_shape": list(info.latent_shape), "image_size": info.image_size,
                  "scaling_factor": info.scaling_factor, "shift_factor": info.shift_factor,
-                 "train_config": info.train_config}
+                 "train_config": info.train_config, "run_name": info.run_name,
+                 "mlflow_run_id": info.mlflow_run_id}
         (local / INDEX_FILE).write_text(json.dumps(index, indent=1))
         _publish(local, out_dir)
 
@@ -120,10 +125,12 @@ class ExportedModel:
         return float(self.index["shift_factor"])
 
 
-def load_exported(model_dir: str | Path, device: str | torch.device = "cpu") -> ExportedModel:
-    """Load a directory written by write_export; a missing or half-written one is a clear error."""
+def load_index(model_dir: str | Path) -> dict[str, Any]:
+    """model_index.json of an exported model, after checking the directory is complete."""
     root = Path(model_dir)
     index_path = root / INDEX_FILE
+    if not root.is_dir():
+        raise FileNotFoundError(f"model directory {root} not found")
     if not index_path.is_file():
         raise FileNotFoundError(f"{root} is not an exported model: {INDEX_FILE} is missing (it is written last, "
                                 "so the export is missing or was interrupted; rerun jobs/train_unet.py to export)")
@@ -131,9 +138,16 @@ def load_exported(model_dir: str | Path, device: str | torch.device = "cpu") -> 
     if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{index_path}: format {index.get('format')!r} v{index.get('format_version')} is not "
                          f"{FORMAT!r} v{FORMAT_VERSION}")
-    for name in (UNET_DIR, EMPTY_CAPTION_FILE):
-        if not (root / name).exists():
+    for name in (f"{UNET_DIR}/{UNET_CONFIG_FILE}", f"{UNET_DIR}/{UNET_WEIGHTS_FILE}", EMPTY_CAPTION_FILE):
+        if not (root / name).is_file():
             raise FileNotFoundError(f"{root} is incomplete: {name} is missing (re-export the model)")
+    return index
+
+
+def load_exported(model_dir: str | Path, device: str | torch.device = "cpu") -> ExportedModel:
+    """Load a directory written by write_export; a missing or half-written one is a clear error."""
+    root = Path(model_dir)
+    index = load_index(root)
     unet = UNet.from_pretrained(root / UNET_DIR, device=device).eval()
     encoders = EncoderSources.from_dict(index["encoders"])
     if encoders.vae_source == VAE_DIR:

@@ -8,7 +8,6 @@ Sampling settings come from `params` (sampler, steps, guidance_scale), defaults 
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,8 @@ class TextToImageModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
         import pandas as pd
-        from PIL import Image
 
-        from pipelines.sampling import decode_images, draw_latents, encode_prompts
+        from pipelines.sampling import decode_images, draw_latents, encode_prompts, png_bytes
 
         prompts = [str(p) for p in model_input["prompt"]]
         seeds = [int(s) for s in model_input["seed"]] if "seed" in model_input else list(range(len(prompts)))
@@ -40,12 +38,7 @@ class TextToImageModel(mlflow.pyfunc.PythonModel):
         m = self.model
         latents = draw_latents(m.unet, m.schedule, states, masks, m.empty_caption, seeds, m.latent_shape, sampler)
         images = decode_images(self.vae, latents, m.scaling_factor, m.shift_factor)
-        pngs = []
-        for image in images:
-            buffer = io.BytesIO()
-            Image.fromarray(image).save(buffer, format="PNG")
-            pngs.append(buffer.getvalue())
-        return pd.DataFrame({"prompt": prompts, "seed": seeds, "png": pngs})
+        return pd.DataFrame({"prompt": prompts, "seed": seeds, "png": [png_bytes(image) for image in images]})
 
 
 def log_pyfunc_model(tracker: Any, model_dir: str, registered_name: str) -> None:

@@ -143,12 +143,17 @@ def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def save_png(image: np.ndarray, location: str) -> None:
-    """An (H, W, 3) uint8 image as PNG at a local path or URI (atomic)."""
+def png_bytes(image: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 image as PNG bytes."""
     import io
 
     from PIL import Image
 
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
-    storage.write_bytes(location, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_png(image: np.ndarray, location: str) -> None:
+    """An (H, W, 3) uint8 image as PNG at a local path or URI (atomic)."""
+    storage.write_bytes(location, png_bytes(image))

@@ -93,14 +93,34 @@ class Tracker:
             tracker.run_id = tracker.call("open the run", tracker._find_or_create, run_name, tags or {})
         return tracker
 
+    @classmethod
+    def open_child(cls, settings: MLflowSettings, run_name: str, parent_run_id: str | None) -> "Tracker":
+        """A new run (an evaluation), nested under parent_run_id when given, in the parent's experiment."""
+        tracker = cls(settings.resolved(), None)
+        if settings.enabled:
+            tracker.run_id = tracker.call("open the run", tracker._create_child, run_name, parent_run_id)
+        return tracker
+
+    def _create_child(self, run_name: str, parent_run_id: str | None) -> str:
+        tags = {RUN_NAME_TAG: run_name}
+        if parent_run_id:
+            experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+            tags["mlflow.parentRunId"] = parent_run_id
+        else:
+            experiment_id = self._experiment_id()
+        run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        log.info("MLflow: run %s (%s)%s", run_name, run_id, f" under {parent_run_id}" if parent_run_id else "")
+        return run_id
+
+    def _experiment_id(self) -> str:
+        experiment = self.client.get_experiment_by_name(self.settings.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        return self.client.create_experiment(self.settings.experiment, artifact_location=self.settings.artifact_location)
+
     def _find_or_create(self, run_name: str, tags: dict[str, str]) -> str:
         client = self.client
-        experiment = client.get_experiment_by_name(self.settings.experiment)
-        if experiment is None:
-            experiment_id = client.create_experiment(self.settings.experiment,
-                                                     artifact_location=self.settings.artifact_location)
-        else:
-            experiment_id = experiment.experiment_id
+        experiment_id = self._experiment_id()
         found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                    order_by=["attributes.start_time DESC"], max_results=1)
         if found:
@@ -184,6 +204,11 @@ class Tracker:
         if self.active:
             self.call(f"log artifacts {artifact_path}", self.client.log_artifacts, self.run_id, str(local_dir),
                        artifact_path)
+
+    def log_artifact(self, local_file: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if self.active:
+            self.call(f"log artifact {local_file}", self.client.log_artifact, self.run_id, str(local_file),
+                      artifact_path)
 
     def start_system_metrics(self) -> None:
         """MLflow's system-metrics monitor for this run, in this process (stop with stop_system_metrics)."""

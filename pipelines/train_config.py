@@ -142,7 +142,7 @@ class TrainConfig:
 
 # What may change between a run and its resume without changing the trajectory of the weights.
 # Everything else is part of the fingerprint a checkpoint is checked against.
-RESUMABLE_CHANGES = ("max_steps", "log_every", "storage_path", "max_failures", "checkpoint", "samples",
+RESUMABLE_CHANGES = ("run_name", "max_steps", "log_every", "storage_path", "max_failures", "checkpoint", "samples",
                      "mlflow", "scaling.cpus_per_worker")
 
 

@@ -1,0 +1,268 @@
+"""The one-command demo: every stage, through the same job scripts users run, on a local Ray head.
+
+    summary = run_demo(DemoConfig(out_dir="demo-output"))
+
+Starts what it needs and stops what it started: the synthetic image server (jobs/serve_synthetic.py) and a
+Ray head of its own (`ray start --head` with a private temp dir, so stopping it never touches another Ray on
+the machine). Each stage is `python jobs/<stage>.py --config ... --set ...` with RAY_ADDRESS pointing at that
+head, exactly as a user would type it; a stage that exits non-zero stops the demo with its name and log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.synthetic import caption_for, held_out_attributes, training_attributes
+
+log = logging.getLogger("latentforge.demo")
+
+REPO = Path(__file__).resolve().parents[1]
+SUMMARY_FILE = "summary.json"
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out_dir: str = "demo-output"
+    num_good: int = 1500  # synthetic items served (planted bad ones come on top)
+    planted: int = 2  # of each kind of bad item, to show the filters and reports at work
+    vae_steps: int = 400
+    unet_steps: int = 700
+    seen_prompts: int = 30  # seen (colour, shape) combinations evaluated, besides all 30 held-out ones
+    images_per_prompt: int = 2
+    guidance: float = 4.0
+    sampler_steps: int = 20
+    ray_num_cpus: int = 2
+    extra: dict[str, list[str]] = field(default_factory=dict)  # per stage: more --set overrides
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalRayHead:
+    """`ray start --head` with a private temp dir; stop() ends only the processes of that head."""
+
+    def __init__(self, num_cpus: int) -> None:
+        self.temp_dir = tempfile.mkdtemp(prefix="lfray-", dir="/tmp")  # short: Ray's socket paths are limited
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.num_cpus = num_cpus
+
+    def start(self) -> None:
+        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={self.port}",
+               f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
+               "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+        subprocess.run(cmd, check=True, capture_output=True, text=True, env=_child_env())
+
+    def stop(self) -> None:
+        import psutil
+
+        ours = [p for p in psutil.process_iter(["pid", "cmdline"])
+                if self.temp_dir in " ".join(p.info["cmdline"] or [])]
+        for proc in ours:
+            _signal(proc, signal.SIGTERM)
+        _, alive = psutil.wait_procs(ours, timeout=15)
+        for proc in alive:
+            _signal(proc, signal.SIGKILL)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _signal(proc: Any, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+
+
+def _child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
+                "RAY_DEDUP_LOGS": "1", **extra})
+    return env
+
+
+def eval_prompts(cfg: DemoConfig) -> list[dict[str, Any]]:
+    """All held-out (colour, shape) combinations and a fixed sample of seen ones, canonical captions."""
+    import random
+
+    seen = random.Random(0).sample(training_attributes(), cfg.seen_prompts)
+    return [{"prompt": caption_for(a), "seed": 1000 + i} for i, a in enumerate(held_out_attributes() + seen)]
+
+
+class Demo:
+    def __init__(self, cfg: DemoConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir).resolve()
+        self.logs = self.out / "logs"
+        self.timings: dict[str, float] = {}
+        self.env: dict[str, str] = {}
+
+    def path(self, name: str) -> str:
+        return str(self.out / name)
+
+    # ---- running a job ------------------------------------------------------------------------
+
+    def job(self, stage: str, script: str, *args: str) -> None:
+        """Run `python jobs/<script> args...` with its whole output in logs/<stage>.log and the
+        project's own log lines (progress, summaries) echoed here."""
+        extra = [a for kv in self.cfg.extra.get(stage, []) for a in ("--set", kv)]
+        cmd = [sys.executable, f"jobs/{script}", *args, *extra]
+        log_path = self.logs / f"{stage}.log"
+        print(f"\n[demo] {stage}: {' '.join(cmd[1:])}", flush=True)
+        start = time.time()
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=_child_env(**self.env), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+            for line in proc.stdout:
+                log_file.write(line)
+                if "latentforge" in line and " INFO " in line or " ERROR " in line:
+                    print(f"  {line.rstrip()[-220:]}", flush=True)
+            code = proc.wait()
+        self.timings[stage] = round(time.time() - start, 1)
+        if code != 0:
+            tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
+            raise StageFailed(f"stage {stage} failed with exit code {code}; full log: {log_path}\n{tail}")
+        print(f"[demo] {stage} done in {self.timings[stage]:.0f} s", flush=True)
+
+    # ---- the stages ---------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        started = time.time()
+        head = LocalRayHead(self.cfg.ray_num_cpus)
+        server = None
+        try:
+            print(f"[demo] starting a local Ray head ({self.cfg.ray_num_cpus} CPUs) and the synthetic image server",
+                  flush=True)
+            head.start()
+            self.env = {"RAY_ADDRESS": head.address, "MLFLOW_TRACKING_URI": f"sqlite:///{self.path('mlflow.db')}"}
+            server = self.start_server()
+            self.stages()
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(timeout=30)
+            head.stop()
+            print("[demo] stopped the image server and the Ray head", flush=True)
+        return self.summarize(time.time() - started)
+
+    def start_server(self) -> subprocess.Popen:
+        synth = self.out / "synth"
+        url_list = synth / "url_list.parquet"
+        url_list.unlink(missing_ok=True)
+        p = self.cfg.planted
+        args = ["--out", str(synth), "--set", f"num_good={self.cfg.num_good}"] + [
+            a for kind in ("http_404", "html_page", "truncated_jpeg", "tiny_image", "empty_caption", "duplicate_image")
+            for a in ("--set", f"planted.{kind}={p}")]
+        server = subprocess.Popen([sys.executable, "jobs/serve_synthetic.py", *args], cwd=REPO, env=_child_env(),
+                                  stdout=open(self.logs / "serve_synthetic.log", "w"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not url_list.is_file():  # the server writes the list once it listens
+            if server.poll() is not None or time.time() > deadline:
+                raise StageFailed(f"the synthetic image server did not start; log: {self.logs / 'serve_synthetic.log'}")
+            time.sleep(0.2)
+        return server
+
+    def stages(self) -> None:
+        c = self.cfg
+        self.job("download", "download_data.py", "--config", "configs/tiny/download.yaml",
+                 "--set", f"url_list={self.path('synth/url_list.parquet')}", "--set", f"output_dir={self.path('raw')}")
+        self.job("filter", "filter_data.py", "--config", "configs/tiny/filter.yaml",
+                 "--set", f"input_dir={self.path('raw')}", "--set", f"output_dir={self.path('filtered')}")
+        self.job("train_vae", "train_vae.py", "--config", "configs/tiny/train_vae.yaml",
+                 "--set", f"input_dir={self.path('filtered')}", "--set", f"output_dir={self.path('vae')}",
+                 "--set", f"storage_path={self.path('runs')}", "--set", f"train.steps={c.vae_steps}")
+        self.job("precompute", "precompute_latents.py", "--config", "configs/tiny/precompute.yaml",
+                 "--set", f"input_dir={self.path('filtered')}", "--set", f"output_dir={self.path('features')}",
+                 "--set", f"vae.source={self.path('vae')}")
+        self.job("train_unet", "train_unet.py", "--config", "configs/tiny-cpu.yaml",
+                 "--set", f"features_dir={self.path('features')}", "--set", f"storage_path={self.path('runs')}",
+                 "--set", f"max_steps={c.unet_steps}", "--set", "mlflow.registered_model=latentforge-demo")
+        prompts = self.out / "eval_prompts.jsonl"
+        prompts.write_text("".join(json.dumps(p) + "\n" for p in eval_prompts(c)))
+        self.job("sample_eval", "sample_eval.py", "--model", self.model_dir(), "--prompts", str(prompts),
+                 "--out", self.path("eval"), "--set", f"sampling.images_per_prompt={c.images_per_prompt}",
+                 "--set", f"sampling.guidance_scales=[{c.guidance}]", "--set", f"sampling.steps={c.sampler_steps}")
+
+    def model_dir(self) -> str:
+        return self.path("runs/tiny-cpu/export")
+
+    # ---- the summary --------------------------------------------------------------------------
+
+    def _report(self, relative: str) -> Any:
+        path = self.out / relative
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def summarize(self, seconds: float) -> dict[str, Any]:
+        metrics = self._report("eval/metrics.json") or {}
+        accuracy = metrics.get("synthetic_accuracy", {}).get(f"guidance_{self.cfg.guidance:g}", {})
+        train = self._report("runs/tiny-cpu/train_report.json") or {}
+        db = self.path("mlflow.db")
+        summary = {
+            "ok": True, "seconds": round(seconds, 1), "stage_seconds": self.timings,
+            "accuracy": {split: {k: (accuracy.get(split) or {}).get(k) for k in
+                                 ("count", "all_correct", "color", "shape", "size", "position")}
+                         for split in ("seen", "held_out")},
+            "final_loss": train.get("final_loss"),
+            "model_dir": self.model_dir(),
+            "sample_grid": str(self.out / "eval" / metrics.get("grids", {}).get(f"guidance_{self.cfg.guidance:g}", "")),
+            "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000",
+            "stage_reports": {
+                "download": self._report("raw/download_report.json"),
+                "filter": self._report("filtered/filter_report.json"),
+                "train_vae": self._report("vae/train_vae_report.json"),
+                "precompute": self._report("features/precompute_report.json"),
+                "train_unet": train,
+                "sample_eval": {k: metrics.get(k) for k in ("images", "prompts", "sampler", "steps", "timing")},
+            },
+            "config": asdict(self.cfg),
+        }
+        (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        return summary
+
+
+def print_summary(summary: dict[str, Any], out_dir: str) -> None:
+    acc = summary["accuracy"]
+
+    def pct(value: Any) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    print("\n[demo] finished in {:.1f} min".format(summary["seconds"] / 60))
+    for stage, seconds in summary["stage_seconds"].items():
+        print(f"  {stage:<12} {seconds:7.1f} s")
+    print(f"  final training loss: {summary['final_loss']}")
+    for split in ("seen", "held_out"):
+        a = acc[split]
+        print(f"  {split:<9} all attributes correct: {pct(a['all_correct'])} of {a['count']} images "
+              f"(colour {pct(a['color'])}, shape {pct(a['shape'])}, size {pct(a['size'])}, "
+              f"position {pct(a['position'])})")
+    print(f"  model:        {summary['model_dir']}")
+    print(f"  sample grid:  {summary['sample_grid']}")
+    print(f"  summary:      {Path(out_dir).resolve() / SUMMARY_FILE}")
+    print(f"  MLflow UI:    {summary['mlflow_ui']}   (then open http://127.0.0.1:5000)")
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    summary = Demo(cfg).run()
+    print_summary(summary, cfg.out_dir)
+    return summary
