@@ -155,7 +155,9 @@ class Demo:
             print(f"[demo] starting a local Ray head ({self.cfg.ray_num_cpus} CPUs) and the synthetic image server",
                   flush=True)
             head.start()
-            self.env = {"RAY_ADDRESS": head.address, "MLFLOW_TRACKING_URI": f"sqlite:///{self.path('mlflow.db')}"}
+            # Ray 2.60 heads require the token `ray start` wrote (~/.ray/auth_token): RAY_AUTH_MODE makes drivers send it.
+            self.env = {"RAY_ADDRESS": head.address, "RAY_AUTH_MODE": "token",
+                        "MLFLOW_TRACKING_URI": f"sqlite:///{self.path('mlflow.db')}"}
             server = self.start_server()
             self.stages()
         finally:
@@ -171,7 +173,9 @@ class Demo:
         url_list = synth / "url_list.parquet"
         url_list.unlink(missing_ok=True)
         p = self.cfg.planted
-        args = ["--out", str(synth), "--set", f"num_good={self.cfg.num_good}"] + [
+        # Jitter makes every good item its own image (exact dedup would otherwise keep one per combination).
+        args = ["--out", str(synth), "--set", f"num_good={self.cfg.num_good}", "--set", "position_jitter=0.05",
+                "--set", "color_jitter=12"] + [
             a for kind in ("http_404", "html_page", "truncated_jpeg", "tiny_image", "empty_caption", "duplicate_image")
             for a in ("--set", f"planted.{kind}={p}")]
         server = subprocess.Popen([sys.executable, "jobs/serve_synthetic.py", *args], cwd=REPO, env=_child_env(),
@@ -197,7 +201,8 @@ class Demo:
                  "--set", f"vae.source={self.path('vae')}")
         self.job("train_unet", "train_unet.py", "--config", "configs/tiny-cpu.yaml",
                  "--set", f"features_dir={self.path('features')}", "--set", f"storage_path={self.path('runs')}",
-                 "--set", f"max_steps={c.unet_steps}", "--set", "mlflow.registered_model=latentforge-demo")
+                 "--set", f"max_steps={c.unet_steps}", "--set", f"lr.warmup_steps={max(1, c.unet_steps // 10)}",
+                 "--set", "mlflow.registered_model=latentforge-demo")
         prompts = self.out / "eval_prompts.jsonl"
         prompts.write_text("".join(json.dumps(p) + "\n" for p in eval_prompts(c)))
         self.job("sample_eval", "sample_eval.py", "--model", self.model_dir(), "--prompts", str(prompts),
@@ -262,7 +267,12 @@ def print_summary(summary: dict[str, Any], out_dir: str) -> None:
     print(f"  MLflow UI:    {summary['mlflow_ui']}   (then open http://127.0.0.1:5000)")
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    signal.signal(signal.SIGTERM, _interrupt)  # a `kill` cleans up like Ctrl-C: server and Ray head stop
     summary = Demo(cfg).run()
     print_summary(summary, cfg.out_dir)
     return summary

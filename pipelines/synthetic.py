@@ -116,21 +116,38 @@ def position_center(position: str, image_size: int = DEFAULT_IMAGE_SIZE) -> tupl
     return (near if horizontal == "left" else far), (near if vertical == "top" else far)
 
 
-def shape_box(attrs: Attributes, image_size: int = DEFAULT_IMAGE_SIZE) -> tuple[int, int, int, int]:
+@dataclass(frozen=True)
+class Jitter:
+    """A per-item variation that keeps the attributes readable: the shape moves by (dx, dy) pixels (kept
+    inside the canvas) and its colour shifts by `tint` per channel (clipped to 0..255)."""
+
+    dx: int = 0
+    dy: int = 0
+    tint: tuple[int, int, int] = (0, 0, 0)
+
+    @classmethod
+    def draw(cls, rng: random.Random, max_shift: int, max_tint: int) -> "Jitter":
+        return cls(rng.randint(-max_shift, max_shift), rng.randint(-max_shift, max_shift),
+                   tuple(rng.randint(-max_tint, max_tint) for _ in range(3)))
+
+
+def shape_box(attrs: Attributes, image_size: int = DEFAULT_IMAGE_SIZE,
+              jitter: Jitter = Jitter()) -> tuple[int, int, int, int]:
     """Inclusive pixel box (left, top, right, bottom) the shape fills: integer maths so that every
-    renderer and checker agrees on the exact pixels."""
+    renderer and checker agrees on the exact pixels. A jitter shift never pushes the shape off the canvas."""
     side = round(SIZES[attrs.size] * image_size)
     cx, cy = position_center(attrs.position, image_size)
-    left, top = round(cx - side / 2), round(cy - side / 2)
+    left = min(max(round(cx - side / 2) + jitter.dx, 0), image_size - side)
+    top = min(max(round(cy - side / 2) + jitter.dy, 0), image_size - side)
     return left, top, left + side - 1, top + side - 1
 
 
-def render(attrs: Attributes, image_size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:
-    """The RGB image for `attrs`: deterministic, pixel for pixel."""
+def render(attrs: Attributes, image_size: int = DEFAULT_IMAGE_SIZE, jitter: Jitter = Jitter()) -> Image.Image:
+    """The RGB image for `attrs` (and an optional jitter): deterministic, pixel for pixel."""
     image = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    left, top, right, bottom = shape_box(attrs, image_size)
-    fill = COLORS[attrs.color]
+    left, top, right, bottom = shape_box(attrs, image_size, jitter)
+    fill = tuple(min(max(c + t, 0), 255) for c, t in zip(COLORS[attrs.color], jitter.tint))
     if attrs.shape == "circle":
         draw.ellipse((left, top, right, bottom), fill=fill)
     elif attrs.shape == "square":
@@ -226,6 +243,10 @@ class SyntheticConfig:
     seed: int = 0
     canonical_fraction: float = 0.75  # share of good captions in the canonical form
     image_format: str = "png"  # how good images are served: png or jpeg
+    # Per-item variation of good images: shift up to this fraction of the side, tint up to this many RGB
+    # levels. 0 and 0: every combination is one exact image (exact dedup then keeps one per combination).
+    position_jitter: float = 0.0
+    color_jitter: int = 0
     planted: PlantedCounts = field(default_factory=PlantedCounts)
 
     def __post_init__(self) -> None:
@@ -234,6 +255,9 @@ class SyntheticConfig:
         if not 0.5 < self.canonical_fraction <= 1.0:
             raise ValueError("canonical_fraction must be in (0.5, 1]: the canonical form stays the most common")
         encode_image(Image.new("RGB", (1, 1)), self.image_format)  # validates the format name
+        if not (0.0 <= self.position_jitter <= 0.06 and 0 <= self.color_jitter <= 20):
+            raise ValueError("position_jitter must be in [0, 0.06] and color_jitter in [0, 20]: more would "
+                             "change what the caption says (position, colour)")
         if any(count < 0 for count in dataclasses.astuple(self.planted)):
             raise ValueError("planted counts must be >= 0")
 
@@ -321,7 +345,11 @@ class _DatasetBuilder:
         return caption_for(attrs, self.rng.choice(PARAPHRASE_TEMPLATES))
 
     def add_good(self, attrs: Attributes) -> dict[str, str]:
-        response = self._image_response(render(attrs, self.cfg.image_size))
+        cfg = self.cfg
+        jitter = Jitter()
+        if cfg.position_jitter or cfg.color_jitter:
+            jitter = Jitter.draw(self.rng, round(cfg.position_jitter * cfg.image_size), cfg.color_jitter)
+        response = self._image_response(render(attrs, cfg.image_size, jitter))
         return self._add(attrs, self._good_caption(attrs), response, _EXTENSIONS[self.cfg.image_format])
 
     def add_planted(self, kind: str, good_rows: list[dict[str, str]]) -> None:
