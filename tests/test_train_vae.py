@@ -136,6 +136,7 @@ def test_export_loads_with_the_measured_scaling_factor(trained):
     assert not [p for p in Path(cfg.output_dir).parent.iterdir() if p.name.startswith(".")]  # no temporaries
 
 
+@pytest.mark.slow  # a second Ray Train run: ~40 s of worker start-up on 2 cores for 4 steps
 def test_rerun_with_the_same_name_resumes(trained):
     """More steps under the same run_name continue from the last checkpoint (step 24), in the same
     MLflow run, and the export is replaced."""
