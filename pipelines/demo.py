@@ -195,7 +195,8 @@ class Demo:
                  "--set", f"input_dir={self.path('raw')}", "--set", f"output_dir={self.path('filtered')}")
         self.job("train_vae", "train_vae.py", "--config", "configs/tiny/train_vae.yaml",
                  "--set", f"input_dir={self.path('filtered')}", "--set", f"output_dir={self.path('vae')}",
-                 "--set", f"storage_path={self.path('runs')}", "--set", f"train.steps={c.vae_steps}")
+                 "--set", f"storage_path={self.path('runs')}", "--set", f"train.steps={c.vae_steps}",
+                 "--set", f"train.warmup_steps={max(1, c.vae_steps // 10)}")
         self.job("precompute", "precompute_latents.py", "--config", "configs/tiny/precompute.yaml",
                  "--set", f"input_dir={self.path('filtered')}", "--set", f"output_dir={self.path('features')}",
                  "--set", f"vae.source={self.path('vae')}")
