@@ -41,7 +41,7 @@ class DemoConfig:
     out_dir: str = "demo-output"
     num_good: int = 1500  # synthetic items served (planted bad ones come on top)
     planted: int = 2  # of each kind of bad item, to show the filters and reports at work
-    vae_steps: int = 400
+    vae_steps: int = 250
     unet_steps: int = 700
     seen_prompts: int = 30  # seen (colour, shape) combinations evaluated, besides all 30 held-out ones
     images_per_prompt: int = 2

@@ -13,7 +13,6 @@ changes only float rounding in batched kernels (a level or two of some pixels).
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time

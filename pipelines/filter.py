@@ -36,7 +36,6 @@ import io
 import json
 import logging
 import os
-import re
 import tarfile
 import time
 import uuid

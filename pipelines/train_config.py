@@ -24,6 +24,7 @@ from pipelines.config import ConfigError, to_dict
 from pipelines.deepspeed_config import DeepSpeedSettings, derive_batch_sizes
 from pipelines.loader import check_manifest_matches, read_manifest
 from pipelines.objective import ObjectiveConfig
+from pipelines.ray_train import ScalingSettings
 from pipelines.schema import Manifest
 from pipelines.tracking import MLflowSettings
 from pipelines.train_policy import LR_KINDS, LRSchedule, NonFinitePolicy
@@ -80,13 +81,6 @@ class EMASettings:
     max_decay: float = 0.9999
     start_step: int = 0
     warmup: bool = True
-
-
-@dataclass(frozen=True)
-class ScalingSettings:
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,11 @@ import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+
 
 from pipelines import checkpoint, storage
 from pipelines.config import flatten, to_dict
+from pipelines.ray_train import build_torch_trainer
 from pipelines.runtime import init_ray
 from pipelines.tracking import Tracker
 from pipelines.train_config import LaunchPlan, TrainConfig, fingerprint, validate_for_launch
@@ -78,24 +79,9 @@ def _git_commit() -> str:
 
 
 def build_trainer(cfg: TrainConfig, plan: LaunchPlan, launch: Launch):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    threads = str(max(1, int(cfg.scaling.cpus_per_worker)))
-    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    if not cfg.scaling.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"  # never let DeepSpeed probe for a GPU on CPU workers
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"train": to_dict(cfg), "launch": asdict(launch)},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.run_name, storage_path=plan.storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             worker_runtime_env={"env_vars": env}),
-    )
+    return build_torch_trainer(train_loop_per_worker, {"train": to_dict(cfg), "launch": asdict(launch)},
+                               cfg.scaling, run_name=cfg.run_name, storage_path=plan.storage_path,
+                               keep_checkpoints=cfg.checkpoint.keep, max_failures=cfg.max_failures)
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:

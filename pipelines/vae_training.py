@@ -54,6 +54,7 @@ import numpy as np
 from pipelines import storage
 from pipelines.config import ConfigError, flatten, from_dict, to_dict
 from pipelines.precompute import DROP_REASON, IMAGE, VAEConfig, list_input_shards, sample_row
+from pipelines.ray_train import ScalingSettings, build_torch_trainer
 from pipelines.tar_samples import KEY_FIELD, iter_tar_samples
 from pipelines.tracking import MLflowSettings, Tracker
 
@@ -94,13 +95,6 @@ class TrainSettings:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 5  # NaN/inf losses in a row before the run stops (each one is skipped)
-
-
-@dataclass(frozen=True)
-class ScalingSettings:
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -579,23 +573,9 @@ def resolved(cfg: TrainVAEConfig, settings: MLflowSettings) -> TrainVAEConfig:
 
 def build_trainer(cfg: TrainVAEConfig, run_id: str | None):
     """The TorchTrainer for a resolved config (a rerun with the same run_name resumes)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    s = cfg.scaling
-    threads = str(max(1, int(s.cpus_per_worker)))  # one OpenMP thread per CPU Ray gives a worker
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "run_id": run_id},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker={"CPU": s.cpus_per_worker}),
-        run_config=RunConfig(
-            name=cfg.run_name, storage_path=cfg.storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}}),
-        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-    )
+    return build_torch_trainer(train_loop_per_worker, {"cfg": to_dict(cfg), "run_id": run_id}, cfg.scaling,
+                               run_name=cfg.run_name, storage_path=cfg.storage_path,
+                               keep_checkpoints=cfg.train.keep_checkpoints, max_failures=cfg.failure.max_failures)
 
 
 def check_resume(cfg: TrainVAEConfig) -> str | None:

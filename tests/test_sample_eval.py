@@ -5,7 +5,6 @@ untrained weights: this file tests the evaluation machinery; the demo's end-to-e
 trained model."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,0 +1,47 @@
+"""What both training jobs (U-Net and VAE) take from Ray Train: the worker scaling settings and the trainer.
+
+    trainer = build_torch_trainer(train_loop_per_worker, {"cfg": ...}, cfg.scaling, run_name="r",
+                                  storage_path="/abs/runs", keep_checkpoints=3, max_failures=1)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class ScalingSettings:
+    num_workers: int = 2
+    use_gpu: bool = False  # one GPU per worker and NCCL; else CPU workers and gloo
+    cpus_per_worker: float = 1.0  # also the worker's OpenMP thread count
+
+
+def worker_env(scaling: ScalingSettings) -> dict[str, str]:
+    """One OpenMP/MKL thread per CPU Ray gives a worker (torch would otherwise start one per core and
+    the workers would oversubscribe), and no GPU probing by DeepSpeed on CPU workers."""
+    threads = str(max(1, int(scaling.cpus_per_worker)))
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    if not scaling.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def build_torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any], scaling: ScalingSettings,
+                        run_name: str, storage_path: str, keep_checkpoints: int, max_failures: int):
+    """A TorchTrainer; a rerun with the same run_name and storage_path resumes from its latest checkpoint.
+    storage_path must be absolute or a URI (Ray Train refuses a relative one)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        run_config=RunConfig(name=run_name, storage_path=storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             worker_runtime_env={"env_vars": worker_env(scaling)}),
+    )
