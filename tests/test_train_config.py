@@ -44,7 +44,7 @@ def test_fingerprint_ignores_resumable_settings_and_names_real_changes():
                        ["max_steps=5000", "log_every=1", "checkpoint.every_steps=7", "mlflow.experiment=x",
                         "samples.every_steps=3"])
     assert fingerprint_differences(fingerprint(base), fingerprint(same)) == []
-    other = load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml", ["deepspeed.adamw.lr=0.5", "model.overrides={norm_groups: 16}"])
+    other = load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml", ["deepspeed.adamw.lr=0.5", "model.overrides.norm_groups=8"])
     changes = fingerprint_differences(fingerprint(base), fingerprint(other))
     assert any(c.startswith("deepspeed.adamw.lr:") for c in changes)
     assert any(c.startswith("model.unet.norm_groups:") for c in changes)
