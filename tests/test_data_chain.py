@@ -271,7 +271,7 @@ def test_precompute_resume_writes_only_the_missing_shard(chain):
     assert report["shards_written"] == 1 and _counts(report) == _counts(chain["precompute_report"])
     parts = {n for n in after if n.startswith(schema.SHARD_PREFIX)}
     assert victim in parts and all(after[n] == before[n] for n in parts - {victim})
-    assert pq.read_table(features / victim).equals(chain["victim_table"])
+    _assert_same_rows(pq.read_table(features / victim), chain["victim_table"])
     assert schema.Manifest.load(features).total_rows == N_GOOD
 
 
@@ -291,6 +291,18 @@ def test_loader_ranks_are_disjoint_and_cover_every_row(chain):
     loaders = [FeatureLoader(features, cfg, rank=r, world_size=WORLD) for r in range(WORLD)]
     flat = [k for loader in loaders for batch in loader for k in batch[BATCH_KEYS]]
     assert len(flat) == len(set(flat)) == N_GOOD - loaders[0].dropped_rows_per_epoch
+
+
+def _assert_same_rows(new, old) -> None:
+    """The same rows in the same order; features equal up to float16 rounding: Ray Data may batch the
+    rerun's rows differently, and batched convolutions round differently in the last bits."""
+    assert new.schema == old.schema and new.num_rows == old.num_rows
+    for name in (schema.KEY, schema.CAPTION, schema.TEXT_LENGTH):
+        assert new.column(name).equals(old.column(name)), name
+    for name in (schema.LATENT_MEAN, schema.LATENT_LOGVAR, schema.TEXT_STATES):
+        a = new.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        b = old.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        np.testing.assert_allclose(a, b, rtol=4e-3, atol=4e-3, err_msg=name)
 
 
 def _same(a: dict, b: dict) -> bool:

@@ -144,10 +144,14 @@ def test_zero1_and_zero3_train_to_the_same_weights(work, ray_local, ref, stage, 
     result = run_training(make_cfg(work, f"zero{stage}", *overrides))
     assert result.steps == STEPS
     a, b = exported_weights(ref), exported_weights(result)
-    # Same data, same draws, same math: only the order of the gradient reductions differs (Adam
-    # magnifies those last-bit differences: ~3e-5 at most after 12 steps, measured).
+    # Same data, same draws, same math: only the order of the gradient reductions differs. Adam turns a
+    # last-bit difference in a near-zero gradient into a step of up to ~lr, so a handful of elements may
+    # differ by a few lr (3e-4 measured at lr 1e-3); everything else must agree to float32 noise.
+    lr = 1e-3
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=2e-4)
+        diff = (b[key] - a[key]).abs()
+        assert diff.max() < 5 * lr, key
+        assert (diff > 1e-5).float().mean() < 2e-3, key
     if stage == 1:
         assert result.mlflow_run_id is None
         assert any("MLflow at http://127.0.0.1:9 failed" in r.getMessage() for r in caplog.records)
