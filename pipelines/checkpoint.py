@@ -170,9 +170,7 @@ def latest_checkpoint(run_dir: str) -> str | None:
     """The checkpoint Ray Train will hand back on resume (its latest registered one), or None."""
     from ray.train import Result
 
-    from pipelines.storage import is_file
-
-    if not is_file(storage.join(run_dir, "checkpoint_manager_snapshot.json")):
+    if not storage.is_file(storage.join(run_dir, "checkpoint_manager_snapshot.json")):
         return None
     checkpoint = Result.from_path(run_dir).checkpoint
     return None if checkpoint is None else _uri_of(checkpoint)

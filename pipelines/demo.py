@@ -30,6 +30,7 @@ log = logging.getLogger("latentforge.demo")
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_FILE = "summary.json"
+RUN_NAME = "demo-unet"  # the U-Net run: <out_dir>/runs/<RUN_NAME>/ holds its checkpoints, export and report
 
 
 class StageFailed(RuntimeError):
@@ -202,7 +203,7 @@ class Demo:
                  "--set", f"vae.source={self.path('vae')}")
         self.job("train_unet", "train_unet.py", "--config", "configs/tiny-cpu.yaml",
                  "--set", f"features_dir={self.path('features')}", "--set", f"storage_path={self.path('runs')}",
-                 "--set", f"max_steps={c.unet_steps}", "--set", f"lr.warmup_steps={max(1, c.unet_steps // 10)}",
+                 "--set", f"run_name={RUN_NAME}", "--set", f"max_steps={c.unet_steps}", "--set", f"lr.warmup_steps={max(1, c.unet_steps // 10)}",
                  "--set", "mlflow.registered_model=latentforge-demo")
         prompts = self.out / "eval_prompts.jsonl"
         prompts.write_text("".join(json.dumps(p) + "\n" for p in eval_prompts(c)))
@@ -211,7 +212,9 @@ class Demo:
                  "--set", f"sampling.guidance_scales=[{c.guidance}]", "--set", f"sampling.steps={c.sampler_steps}")
 
     def model_dir(self) -> str:
-        return self.path("runs/tiny-cpu/export")
+        from pipelines.train_loop import EXPORT_DIR
+
+        return self.path(f"runs/{RUN_NAME}/{EXPORT_DIR}")
 
     # ---- the summary --------------------------------------------------------------------------
 
@@ -220,9 +223,14 @@ class Demo:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def summarize(self, seconds: float) -> dict[str, Any]:
-        metrics = self._report("eval/metrics.json") or {}
-        accuracy = metrics.get("synthetic_accuracy", {}).get(f"guidance_{self.cfg.guidance:g}", {})
-        train = self._report("runs/tiny-cpu/train_report.json") or {}
+        from pipelines import download, filter as filter_stage, precompute, training, vae_training
+        from pipelines.eval_outputs import guidance_key
+        from pipelines.evaluation import METRICS_FILE
+
+        metrics = self._report(f"eval/{METRICS_FILE}") or {}
+        key = guidance_key(self.cfg.guidance)
+        accuracy = metrics.get("synthetic_accuracy", {}).get(key, {})
+        train = self._report(f"runs/{RUN_NAME}/{training.REPORT_FILE}") or {}
         db = self.path("mlflow.db")
         summary = {
             "ok": True, "seconds": round(seconds, 1), "stage_seconds": self.timings,
@@ -231,13 +239,13 @@ class Demo:
                          for split in ("seen", "held_out")},
             "final_loss": train.get("final_loss"),
             "model_dir": self.model_dir(),
-            "sample_grid": str(self.out / "eval" / metrics.get("grids", {}).get(f"guidance_{self.cfg.guidance:g}", "")),
+            "sample_grid": str(self.out / "eval" / metrics.get("grids", {}).get(key, "")),
             "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000",
             "stage_reports": {
-                "download": self._report("raw/download_report.json"),
-                "filter": self._report("filtered/filter_report.json"),
-                "train_vae": self._report("vae/train_vae_report.json"),
-                "precompute": self._report("features/precompute_report.json"),
+                "download": self._report(f"raw/{download.REPORT_FILE}"),
+                "filter": self._report(f"filtered/{filter_stage.REPORT_FILE}"),
+                "train_vae": self._report(f"vae/{vae_training.REPORT_FILE}"),
+                "precompute": self._report(f"features/{precompute.REPORT_FILE}"),
                 "train_unet": train,
                 "sample_eval": {k: metrics.get(k) for k in ("images", "prompts", "sampler", "steps", "timing")},
             },

@@ -161,7 +161,11 @@ class NonFiniteGuard:
 
     def check(self, loss: Tensor | float, step: int | None = None) -> bool:
         """True: proceed with the step. False: skip it (counted). Raises after too many in a row."""
-        if all_ranks_finite(loss):
+        return self.record(all_ranks_finite(loss), step)
+
+    def record(self, finite: bool, step: int | None = None) -> bool:
+        """Count a verdict every rank already agreed on (check() reaches it itself, with a collective)."""
+        if finite:
             self.consecutive = 0
             return True
         self.total_skipped += 1

@@ -78,7 +78,7 @@ class TrainStep:
                 self._set_lr(0.0)  # every micro-batch was bad: the step must not move the weights
             self.engine.backward(loss)
             self.engine.step()
-        self.guard.check(torch.tensor(0.0 if good else float("nan")), step)  # counts, raises after N in a row
+        self.guard.record(good > 0, step)  # the ranks agreed per micro batch above; raises after N bad in a row
         grad_norm = self.engine.get_global_grad_norm()
         mean_loss = torch.stack(losses).float().mean().item() if losses else float("nan")
         return {"loss": mean_loss, "lr": lr if good else 0.0, "skipped_micro_batches": len(micro_batches) - good,
