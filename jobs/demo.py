@@ -7,7 +7,7 @@ final loss, accuracy, the exported model directory, the sample grid). Stops what
 
 examples:
   python jobs/demo.py
-  python jobs/demo.py --set out_dir=/tmp/demo --set unet_steps=1500
+  python jobs/demo.py --set out_dir=/tmp/demo --set unet_steps=3000
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Train a VAE (diffusers AutoencoderKL) on filtered WebDataset shards, with Ray Train (DDP).
 
-From scratch (vae.source=tiny: the seeded tiny preset, 64 px -> 4x16x16 latents) or fine-tuning a
+From scratch (vae.source=tiny: the seeded tiny preset, 32 px -> 4x8x8 latents) or fine-tuning a
 local diffusers directory (vae.source=/models/sd-vae). Loss: L1 or L2 reconstruction + kl_weight * KL.
 Rank 0 logs loss/recon/kl/lr/images-per-second and reconstruction grids (originals above
 reconstructions) to MLflow, checkpoints every train.checkpoint_every steps (a rerun with the same

@@ -68,7 +68,7 @@ def _seeded_build(seed: int, build):
 # --------------------------------------------------------------------------------------------
 
 def tiny_vae_config() -> dict[str, Any]:
-    """AutoencoderKL config for tests/demo: 64 px -> 16x16x4 latents, ~1M params, fast on CPU."""
+    """AutoencoderKL config for tests/demo: S px -> (S/4)x(S/4)x4 latents, ~1M params, fast on CPU."""
     return {
         "in_channels": 3,
         "out_channels": 3,
@@ -77,7 +77,10 @@ def tiny_vae_config() -> dict[str, Any]:
         "block_out_channels": [32, 64, 64],
         "layers_per_block": 1,
         "latent_channels": 4,
-        "norm_num_groups": 32,  # must divide every entry of block_out_channels
+        # 4 channels a group at full resolution. With one channel a group every GroupNorm is an instance norm,
+        # which erases how far a channel sits from the background, and colours came back wrong (checker colour
+        # accuracy of reconstructions after 250 steps at 64 px: 46% with 32 groups, 58% with 8).
+        "norm_num_groups": 8,  # must divide every entry of block_out_channels
         "sample_size": 64,
         # A random/freshly trained VAE has no measured scale yet; 1.0 is the neutral value.
         "scaling_factor": 1.0,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,6 +32,9 @@ log = logging.getLogger("latentforge.demo")
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_FILE = "summary.json"
 RUN_NAME = "demo-unet"  # the U-Net run: <out_dir>/runs/<RUN_NAME>/ holds its checkpoints, export and report
+# A Ray Train worker's progress line, e.g. "(RayTrainWorker pid=1) step 20/700 loss 0.9 ...": echoed now and then
+TRAINING_PROGRESS = re.compile(r"\(RayTrainWorker[^)]*\)\S*\s+(step \d+/\d+.*)")
+PROGRESS_EVERY_S = 30.0
 
 
 class StageFailed(RuntimeError):
@@ -42,8 +46,11 @@ class DemoConfig:
     out_dir: str = "demo-output"
     num_good: int = 1500  # synthetic items served (planted bad ones come on top)
     planted: int = 2  # of each kind of bad item, to show the filters and reports at work
-    vae_steps: int = 250
-    unet_steps: int = 700
+    # Served, downloaded and trained at 32 px: a quarter of the compute of 64 px a step, so both models get
+    # enough steps in ~15 minutes on 2 cores (the U-Net's latents: image_size / the tiny VAE's factor 4).
+    image_size: int = 32
+    vae_steps: int = 600
+    unet_steps: int = 1800
     seen_prompts: int = 30  # seen (colour, shape) combinations evaluated, besides all 30 held-out ones
     images_per_prompt: int = 2
     guidance: float = 4.0
@@ -130,13 +137,17 @@ class Demo:
         log_path = self.logs / f"{stage}.log"
         print(f"\n[demo] {stage}: {' '.join(cmd[1:])}", flush=True)
         start = time.time()
-        with open(log_path, "w") as log_file:
+        with open(log_path, "w", buffering=1) as log_file:  # line-buffered: `tail -f` shows progress
             proc = subprocess.Popen(cmd, cwd=REPO, env=_child_env(**self.env), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
+            last_progress = 0.0
             for line in proc.stdout:
                 log_file.write(line)
                 if "latentforge" in line and " INFO " in line or " ERROR " in line:
                     print(f"  {line.rstrip()[-220:]}", flush=True)
+                elif TRAINING_PROGRESS.search(line) and time.time() - last_progress >= PROGRESS_EVERY_S:
+                    last_progress = time.time()  # the training workers' step lines, one every half minute
+                    print(f"  {TRAINING_PROGRESS.search(line).group(1)[:200]}", flush=True)
             code = proc.wait()
         self.timings[stage] = round(time.time() - start, 1)
         if code != 0:
@@ -175,8 +186,8 @@ class Demo:
         url_list.unlink(missing_ok=True)
         p = self.cfg.planted
         # Jitter makes every good item its own image (exact dedup would otherwise keep one per combination).
-        args = ["--out", str(synth), "--set", f"num_good={self.cfg.num_good}", "--set", "position_jitter=0.05",
-                "--set", "color_jitter=12"] + [
+        args = ["--out", str(synth), "--set", f"num_good={self.cfg.num_good}", "--set", f"image_size={self.cfg.image_size}",
+                "--set", "position_jitter=0.05", "--set", "color_jitter=12"] + [
             a for kind in ("http_404", "html_page", "truncated_jpeg", "tiny_image", "empty_caption", "duplicate_image")
             for a in ("--set", f"planted.{kind}={p}")]
         server = subprocess.Popen([sys.executable, "jobs/serve_synthetic.py", *args], cwd=REPO, env=_child_env(),
@@ -189,21 +200,27 @@ class Demo:
         return server
 
     def stages(self) -> None:
+        from model.encoders import build_vae
+
         c = self.cfg
-        self.job("download", "download_data.py", "--config", "configs/tiny/download.yaml",
+        size = f"image_size={c.image_size}"
+        latent_side = c.image_size // build_vae("tiny").downsample_factor
+        self.job("download", "download_data.py", "--config", "configs/tiny/download.yaml", "--set", size,
                  "--set", f"url_list={self.path('synth/url_list.parquet')}", "--set", f"output_dir={self.path('raw')}")
         self.job("filter", "filter_data.py", "--config", "configs/tiny/filter.yaml",
                  "--set", f"input_dir={self.path('raw')}", "--set", f"output_dir={self.path('filtered')}")
-        self.job("train_vae", "train_vae.py", "--config", "configs/tiny/train_vae.yaml",
+        self.job("train_vae", "train_vae.py", "--config", "configs/tiny/train_vae.yaml", "--set", size,
                  "--set", f"input_dir={self.path('filtered')}", "--set", f"output_dir={self.path('vae')}",
                  "--set", f"storage_path={self.path('runs')}", "--set", f"train.steps={c.vae_steps}",
                  "--set", f"train.warmup_steps={max(1, c.vae_steps // 10)}")
-        self.job("precompute", "precompute_latents.py", "--config", "configs/tiny/precompute.yaml",
+        self.job("precompute", "precompute_latents.py", "--config", "configs/tiny/precompute.yaml", "--set", size,
                  "--set", f"input_dir={self.path('filtered')}", "--set", f"output_dir={self.path('features')}",
                  "--set", f"vae.source={self.path('vae')}")
         self.job("train_unet", "train_unet.py", "--config", "configs/tiny-cpu.yaml",
                  "--set", f"features_dir={self.path('features')}", "--set", f"storage_path={self.path('runs')}",
-                 "--set", f"run_name={RUN_NAME}", "--set", f"max_steps={c.unet_steps}", "--set", f"lr.warmup_steps={max(1, c.unet_steps // 10)}",
+                 "--set", f"run_name={RUN_NAME}", "--set", f"max_steps={c.unet_steps}",
+                 "--set", f"lr.warmup_steps={max(1, c.unet_steps // 10)}",
+                 "--set", f"model.overrides.sample_size={latent_side}",
                  "--set", "mlflow.registered_model=latentforge-demo")
         prompts = self.out / "eval_prompts.jsonl"
         prompts.write_text("".join(json.dumps(p) + "\n" for p in eval_prompts(c)))

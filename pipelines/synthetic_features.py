@@ -9,6 +9,7 @@ tests and bench/train_throughput.py get real features of real images in a second
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -22,9 +23,12 @@ from pipelines.synthetic import caption_for, render, training_attributes
 
 
 def write_synthetic_features(output_dir: str, rows: int, shards: int = 1, seed: int = 0,
-                             cfg: PrecomputeConfig | None = None) -> schema.Manifest:
-    """`rows` training-combination images (canonical captions) split over `shards` feature shards."""
+                             cfg: PrecomputeConfig | None = None, image_size: int | None = None) -> schema.Manifest:
+    """`rows` training-combination images (canonical captions) split over `shards` feature shards,
+    rendered at `image_size` (default: the config's)."""
     cfg = cfg or PrecomputeConfig(input_dir="synthetic", output_dir=str(output_dir))
+    if image_size is not None:
+        cfg = dataclasses.replace(cfg, image_size=image_size)
     storage.makedirs(output_dir)
     info = probe_encoders(to_dict(cfg))
     vae, text = load_encoders(cfg)

@@ -24,7 +24,7 @@ def test_shipped_train_configs_load_and_their_batches_divide(name):
     assert micro * accum * cfg.scaling.num_workers == cfg.batch.global_batch
     cfg.lr_schedule(), cfg.ema_config(), cfg.objective.noise_schedule()
     if cfg.model.init_from is None:
-        assert cfg.model.unet_config().sample_size in (16, 32, 64)
+        assert cfg.model.unet_config().sample_size in (8, 32, 64)  # tiny-cpu: 32 px; sd2-base-256; sd15
     else:
         assert cfg.model.preset in PRESETS
 

@@ -36,8 +36,9 @@ STEPS = 12
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    write_synthetic_features(str(root / "features"), rows=32, shards=2)
-    write_synthetic_features(str(root / "small"), rows=16, shards=1, seed=1)
+    # tiny-cpu.yaml trains on 8x8 latents: the tiny VAE (factor 4) at 32 px
+    write_synthetic_features(str(root / "features"), rows=32, shards=2, image_size=32)
+    write_synthetic_features(str(root / "small"), rows=16, shards=1, seed=1, image_size=32)
     return root
 
 
@@ -78,7 +79,7 @@ def test_two_zero2_workers_train_checkpoint_export_and_log(work, ref):
     assert ref.steps == STEPS
     model = load_exported(ref.export_dir)
     assert model.index["step"] == STEPS and model.index["weights"] == "ema"
-    assert model.latent_shape == (4, 16, 16)
+    assert model.latent_shape == (4, 8, 8)
     # keep=2 of the tiny config: checkpoints of steps 6 and 12 remain, both complete
     kept = sorted(p for p in Path(ref.run_dir).glob("checkpoint_*") if p.is_dir())
     assert [checkpoint.read_meta(str(p))["step"] for p in kept] == [6, 12]
