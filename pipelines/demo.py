@@ -50,7 +50,7 @@ class DemoConfig:
     # enough steps in ~15 minutes on 2 cores (the U-Net's latents: image_size / the tiny VAE's factor 4).
     image_size: int = 32
     vae_steps: int = 600
-    unet_steps: int = 1800
+    unet_steps: int = 1700
     seen_prompts: int = 30  # seen (colour, shape) combinations evaluated, besides all 30 held-out ones
     images_per_prompt: int = 2
     guidance: float = 4.0
