@@ -186,8 +186,9 @@ class Demo:
         url_list.unlink(missing_ok=True)
         p = self.cfg.planted
         # Jitter makes every good item its own image (exact dedup would otherwise keep one per combination).
-        args = ["--out", str(synth), "--set", f"num_good={self.cfg.num_good}", "--set", f"image_size={self.cfg.image_size}",
-                "--set", "position_jitter=0.05", "--set", "color_jitter=12"] + [
+        args = ["--out", str(synth), "--set", f"num_good={self.cfg.num_good}",
+                "--set", f"image_size={self.cfg.image_size}", "--set", "position_jitter=0.05",
+                "--set", "color_jitter=12"] + [
             a for kind in ("http_404", "html_page", "truncated_jpeg", "tiny_image", "empty_caption", "duplicate_image")
             for a in ("--set", f"planted.{kind}={p}")]
         server = subprocess.Popen([sys.executable, "jobs/serve_synthetic.py", *args], cwd=REPO, env=_child_env(),

@@ -335,8 +335,12 @@ def test_loader_resume_equals_the_uninterrupted_sequence(chain, stop_after):
 
 
 def test_features_fit_the_tiny_unet_and_carry_the_empty_caption(chain):
+    from pipelines.train_config import TrainConfig
+
     loader = FeatureLoader(chain["features"], LoaderConfig(batch_size=8))
-    check_manifest_matches(loader.manifest, PRESETS["tiny"])
+    # the U-Net that configs/tiny-cpu.yaml trains on these features (the tiny preset at 8x8 latents)
+    unet_cfg = load_config(TrainConfig, REPO / "configs" / "tiny-cpu.yaml").model.unet_config()
+    check_manifest_matches(loader.manifest, unet_cfg)
     empty = load_empty_caption(chain["features"], loader.manifest)
     assert tuple(empty[BATCH_TEXT_STATES].shape) == loader.manifest.text_shape
     assert empty[BATCH_TEXT_MASK].any()
