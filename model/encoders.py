@@ -67,6 +67,11 @@ def _seeded_build(seed: int, build):
 # VAE
 # --------------------------------------------------------------------------------------------
 
+def vae_downsample_factor(config: dict[str, Any]) -> int:
+    """Pixels per latent side of an AutoencoderKL config: every block but the last halves the size."""
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 def tiny_vae_config() -> dict[str, Any]:
     """AutoencoderKL config for tests/demo: S px -> (S/4)x(S/4)x4 latents, ~1M params, fast on CPU."""
     return {
@@ -116,7 +121,7 @@ class FrozenVAE:
             scaling_factor=float(cfg["scaling_factor"]),
             shift_factor=0.0 if shift is None else float(shift),
             latent_channels=int(cfg["latent_channels"]),
-            downsample_factor=2 ** (len(cfg["block_out_channels"]) - 1),
+            downsample_factor=vae_downsample_factor(cfg),
             in_channels=int(cfg["in_channels"]),
         )
 

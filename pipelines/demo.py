@@ -145,9 +145,9 @@ class Demo:
                 log_file.write(line)
                 if "latentforge" in line and " INFO " in line or " ERROR " in line:
                     print(f"  {line.rstrip()[-220:]}", flush=True)
-                elif TRAINING_PROGRESS.search(line) and time.time() - last_progress >= PROGRESS_EVERY_S:
+                elif (progress := TRAINING_PROGRESS.search(line)) and time.time() - last_progress >= PROGRESS_EVERY_S:
                     last_progress = time.time()  # the training workers' step lines, one every half minute
-                    print(f"  {TRAINING_PROGRESS.search(line).group(1)[:200]}", flush=True)
+                    print(f"  {progress.group(1)[:200]}", flush=True)
             code = proc.wait()
         self.timings[stage] = round(time.time() - start, 1)
         if code != 0:
@@ -201,11 +201,11 @@ class Demo:
         return server
 
     def stages(self) -> None:
-        from model.encoders import build_vae
+        from model.encoders import tiny_vae_config, vae_downsample_factor
 
         c = self.cfg
         size = f"image_size={c.image_size}"
-        latent_side = c.image_size // build_vae("tiny").downsample_factor
+        latent_side = c.image_size // vae_downsample_factor(tiny_vae_config())  # no model built for one number
         self.job("download", "download_data.py", "--config", "configs/tiny/download.yaml", "--set", size,
                  "--set", f"url_list={self.path('synth/url_list.parquet')}", "--set", f"output_dir={self.path('raw')}")
         self.job("filter", "filter_data.py", "--config", "configs/tiny/filter.yaml",
