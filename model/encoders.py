@@ -261,14 +261,21 @@ _TINY_TEXT_NAME = "latentforge-tiny-text"
 
 
 def tiny_text_config() -> dict[str, Any]:
-    """open_clip model config with a 3-block, width-64 text tower (~3.3M params, mostly the
-    token table) and a token-sized vision tower (open_clip's registry requires one; we drop it)."""
+    """open_clip model config with a 2-block, width-64 text tower (~3.3M params, mostly the
+    token table) and a token-sized vision tower (open_clip's registry requires one; we drop it).
+
+    Two blocks, so the default penultimate states have passed one random attention block: with three,
+    the tokens after a colour word carried that colour too (blended by random weights, with "blue"
+    landing near "purple"), and the demo's U-Net learned colour partly from the shape word; held-out
+    pairs such as "blue triangle" then came out purple. Measured (U-Net 1300 steps of 64, guidance 2,
+    on the features of earlier demo runs): where the VAE left blue and purple close, held-out
+    all-correct 47% with three blocks, 60% with two; where it kept them apart, 92% -> 87%."""
     return {
         "embed_dim": 64,
         "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 32,
                        "patch_size": 16},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4,
-                     "layers": 3},
+                     "layers": 2},
     }
 
 
