@@ -53,7 +53,7 @@ class DemoConfig:
     unet_steps: int = 1300  # of 64 images (configs/tiny-cpu.yaml's batch)
     seen_prompts: int = 30  # seen (colour, shape) combinations evaluated, besides all 30 held-out ones
     images_per_prompt: int = 2
-    # Low guidance: at 4 and above the small squares come out with pinched, concave sides (guidance exaggerates
+    # Low guidance: at 3 and above the small squares come out with pinched, concave sides (guidance exaggerates
     # their corners) and the checker reads them as circles; 1.5-2 drew the most shapes right (see README).
     guidance: float = 2.0
     sampler_steps: int = 20
