@@ -50,7 +50,7 @@ class DemoConfig:
     # enough steps in ~15 minutes on 2 cores (the U-Net's latents: image_size / the tiny VAE's factor 4).
     image_size: int = 32
     vae_steps: int = 600
-    unet_steps: int = 1300  # of 64 images (configs/tiny-cpu.yaml's batch)
+    unet_steps: int | None = None  # None: configs/tiny-cpu.yaml's schedule; a number also sets a 10% warm-up
     seen_prompts: int = 30  # seen (colour, shape) combinations evaluated, besides all 30 held-out ones
     images_per_prompt: int = 2
     # Low guidance: at 3 and above the small squares come out with pinched, concave sides (guidance exaggerates
@@ -219,10 +219,11 @@ class Demo:
         self.job("precompute", "precompute_latents.py", "--config", "configs/tiny/precompute.yaml", "--set", size,
                  "--set", f"input_dir={self.path('filtered')}", "--set", f"output_dir={self.path('features')}",
                  "--set", f"vae.source={self.path('vae')}")
+        schedule = [] if c.unet_steps is None else [
+            "--set", f"max_steps={c.unet_steps}", "--set", f"lr.warmup_steps={max(1, c.unet_steps // 10)}"]
         self.job("train_unet", "train_unet.py", "--config", "configs/tiny-cpu.yaml",
                  "--set", f"features_dir={self.path('features')}", "--set", f"storage_path={self.path('runs')}",
-                 "--set", f"run_name={RUN_NAME}", "--set", f"max_steps={c.unet_steps}",
-                 "--set", f"lr.warmup_steps={max(1, c.unet_steps // 10)}",
+                 "--set", f"run_name={RUN_NAME}", *schedule,
                  "--set", f"model.overrides.sample_size={latent_side}",
                  "--set", "mlflow.registered_model=latentforge-demo")
         prompts = self.out / "eval_prompts.jsonl"
