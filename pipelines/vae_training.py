@@ -19,6 +19,14 @@ Why these choices:
   pretrained VGG weights that cannot be downloaded here. Both terms are divided by the number of pixel
   values (3*H*W) per image, so kl_weight means what it meant in SD (ratio of per-image KL sum to
   per-image reconstruction sum; SD used 1e-6).
+- Colour anchor (train.color_anchor_weight, off by default, on in the tiny preset): an extra MSE that
+  ties the posterior mean's first three channels to the image's RGB averaged over each latent pixel's
+  patch. Why: a small VAE trained briefly from scratch puts flat colours wherever its init and data
+  order take them; in some runs two colours lay closer in latent space than one colour's own spread,
+  and the U-Net then swapped them (held-out accuracy 30-92% between demo runs with one config). With
+  the anchor, latent distances between flat colours follow their RGB distances in every run; the other
+  channels stay free for edges and shape. (SD's own VAE has a roughly linear latent -> RGB map, learned
+  over far longer training.) Leave it off when fine-tuning a pretrained VAE: it would move its latent space.
 - Data: each rank streams its own shards (in epoch e, shard i goes to rank (i + e) % W, so the parts
   are disjoint and rotate; rows instead of shards when there are fewer shards than ranks), in a
   seeded order and through a seeded shuffle buffer. Decoding happens in the training process: at VAE
@@ -87,6 +95,7 @@ class TrainSettings:
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
     loss: str = "l1"  # reconstruction loss: "l1" or "l2"
     kl_weight: float = 1e-6
+    color_anchor_weight: float = 0.0  # latent channels 0-2 ~ patch-mean RGB (see the module docstring)
     seed: int = 0  # data order, posterior noise, scaling-factor sample
     shuffle_buffer: int = 256  # decoded images held per worker for shuffling
     log_every: int = 10
@@ -136,8 +145,9 @@ def _check_settings(cfg: TrainVAEConfig) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if t.loss not in LOSSES:
         raise ConfigError(f"train.loss must be one of {LOSSES}, got {t.loss!r}")
-    if t.kl_weight < 0 or t.weight_decay < 0 or t.grad_clip < 0:
-        raise ConfigError("train.kl_weight, train.weight_decay and train.grad_clip must be >= 0")
+    if t.kl_weight < 0 or t.color_anchor_weight < 0 or t.weight_decay < 0 or t.grad_clip < 0:
+        raise ConfigError("train.kl_weight, train.color_anchor_weight, train.weight_decay and train.grad_clip "
+                          "must be >= 0")
     from pipelines.train_policy import LRSchedule
 
     try:  # the schedule's own checks (lr > 0, warm-up within the steps, a known kind)
@@ -175,11 +185,15 @@ def check_inputs(cfg: TrainVAEConfig) -> None:
     from model.encoders import build_vae
 
     try:  # loading it here catches a broken directory before any cluster work
-        factor = build_vae(cfg.vae.source, seed=cfg.vae.seed).downsample_factor
+        vae = build_vae(cfg.vae.source, seed=cfg.vae.seed)
     except (OSError, ValueError) as err:
         raise ConfigError(f"vae.source {cfg.vae.source!r} does not load as an AutoencoderKL: {err}") from None
-    if cfg.image_size % factor:
-        raise ConfigError(f"image_size {cfg.image_size} must be divisible by the VAE's downsample factor {factor}")
+    if cfg.image_size % vae.downsample_factor:
+        raise ConfigError(f"image_size {cfg.image_size} must be divisible by the VAE's downsample factor "
+                          f"{vae.downsample_factor}")
+    if cfg.train.color_anchor_weight > 0 and vae.latent_channels < 3:
+        raise ConfigError(f"train.color_anchor_weight needs a VAE with >= 3 latent channels (RGB), "
+                          f"{cfg.vae.source!r} has {vae.latent_channels}; set train.color_anchor_weight=0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,9 +297,12 @@ def load_trainable_vae(source: str, seed: int) -> "AutoencoderKL":
     return vae
 
 
-def _vae_loss_module(vae: "AutoencoderKL", loss: str, kl_weight: float) -> "torch.nn.Module":
+def _vae_loss_module(vae: "AutoencoderKL", train: TrainSettings) -> "torch.nn.Module":
     """A module whose forward runs encode -> sample -> decode -> losses, so DDP wraps one forward
-    (AutoencoderKL's own forward does not return the posterior, which the KL needs)."""
+    (AutoencoderKL's own forward does not return the posterior, which the KL needs).
+    Returns (total loss, reconstruction, KL, colour anchor), the last three detached for logging; the
+    anchor needs >= 3 latent channels (check_inputs)."""
+    import torch
     import torch.nn.functional as F
     from torch import nn
 
@@ -297,9 +314,16 @@ def _vae_loss_module(vae: "AutoencoderKL", loss: str, kl_weight: float) -> "torc
         def forward(self, images):  # (B, 3, H, W) in [-1, 1]
             posterior = self.vae.encode(images).latent_dist
             recon = self.vae.decode(posterior.sample()).sample  # (B, 3, H, W)
-            rec = F.l1_loss(recon, images) if loss == "l1" else F.mse_loss(recon, images)
+            rec = F.l1_loss(recon, images) if train.loss == "l1" else F.mse_loss(recon, images)
             kl = posterior.kl().mean() / images[0].numel()  # per pixel value, like rec
-            return rec + kl_weight * kl, rec.detach(), kl.detach()
+            total = rec + train.kl_weight * kl
+            anchor = torch.zeros((), device=images.device)
+            if train.color_anchor_weight > 0:
+                factor = images.shape[-1] // posterior.mean.shape[-1]  # pixels per latent pixel, per side
+                patch_rgb = F.avg_pool2d(images, factor)  # (B, 3, h, w)
+                anchor = F.mse_loss(posterior.mean[:, :3], patch_rgb)
+                total = total + train.color_anchor_weight * anchor
+            return total, rec.detach(), kl.detach(), anchor.detach()
 
     return VAELoss()
 
@@ -426,11 +450,11 @@ class _Window:
         self.reset(time.perf_counter())
 
     def reset(self, now: float) -> None:
-        self.sums, self.steps, self.started = [0.0, 0.0, 0.0], 0, now
+        self.sums, self.steps, self.started = [0.0, 0.0, 0.0, 0.0], 0, now
 
-    def add(self, loss: Any, rec: Any, kl: Any) -> None:
+    def add(self, loss: Any, rec: Any, kl: Any, anchor: Any) -> None:
         self.steps += 1
-        for i, value in enumerate((loss, rec, kl)):
+        for i, value in enumerate((loss, rec, kl, anchor)):
             self.sums[i] += float(value)
 
     def metrics(self, w: _Worker, lr: float, skipped: int) -> dict[str, float]:
@@ -442,9 +466,10 @@ class _Window:
             gloo_or_nccl = totals.to(w.device)
             torch.distributed.all_reduce(gloo_or_nccl)
             totals = gloo_or_nccl.cpu()
-        loss, rec, kl, finite = totals.tolist()
+        loss, rec, kl, anchor, finite = totals.tolist()
         images = self.steps * w.cfg.train.batch_size * w.world_size
         out = {"loss": loss / max(finite, 1), "recon": rec / max(finite, 1), "kl": kl / max(finite, 1),
+               "color_anchor": anchor / max(finite, 1),
                "lr": lr, "images_per_s": images / max(now - self.started, 1e-9), "skipped_steps": skipped}
         self.reset(now)
         return out
@@ -467,14 +492,14 @@ def _train_steps(w: _Worker, model: Any, vae: "AutoencoderKL", optimizer: Any, s
     batches, window, started = stream.batches(t.batch_size), _Window(), time.perf_counter()
     for step in range(state.step, t.steps):
         lr = schedule.apply(optimizer, step)
-        loss, rec, kl = model(torch.from_numpy(next(batches)).to(w.device))
+        loss, rec, kl, anchor = model(torch.from_numpy(next(batches)).to(w.device))
         if guard.check(loss, step):  # same decision on every rank, so DDP's all-reduce lines up
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(vae.parameters(), t.grad_clip)
             optimizer.step()
-            window.add(loss.detach(), rec, kl)
+            window.add(loss.detach(), rec, kl, anchor)
         state.step, state.images_seen = step + 1, state.images_seen + t.batch_size * w.world_size
         state.guard = guard.state_dict()
         last = state.step == t.steps
@@ -541,7 +566,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 Tracker.attach(cfg.mlflow, config["run_id"] if rank == 0 else None))
     vae = load_trainable_vae(cfg.vae.source, cfg.vae.seed)  # same seeded init on every rank
     state, optimizer_state = _restore(vae, cfg)
-    model = prepare_model(_vae_loss_module(vae, cfg.train.loss, cfg.train.kl_weight))  # DDP when world > 1
+    model = prepare_model(_vae_loss_module(vae, cfg.train))  # DDP when world > 1
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
