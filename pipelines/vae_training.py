@@ -23,7 +23,7 @@ Why these choices:
   ties the posterior mean's first three channels to the image's RGB averaged over each latent pixel's
   patch. Why: a small VAE trained briefly from scratch puts flat colours wherever its init and data
   order take them; in some runs two colours lay closer in latent space than one colour's own spread,
-  and the U-Net then swapped them (held-out accuracy 30-92% between demo runs with one config). With
+  and the U-Net then swapped them (held-out accuracy 30-68% over four demo runs without it). With
   the anchor, latent distances between flat colours follow their RGB distances in every run; the other
   channels stay free for edges and shape. (SD's own VAE has a roughly linear latent -> RGB map, learned
   over far longer training.) Leave it off when fine-tuning a pretrained VAE: it would move its latent space.
@@ -519,8 +519,9 @@ def _log_progress(w: _Worker, state: TrainState) -> None:
         return
     m = state.metrics
     w.tracker.log_metrics(m, state.step)
-    log.info("step %d/%d  loss %.5f  recon %.5f  kl %.3f  lr %.2e  %.1f images/s", state.step,
-             w.cfg.train.steps, m["loss"], m["recon"], m["kl"], m["lr"], m["images_per_s"])
+    anchor = f"  colour anchor {m['color_anchor']:.5f}" if w.cfg.train.color_anchor_weight > 0 else ""
+    log.info("step %d/%d  loss %.5f  recon %.5f  kl %.3f%s  lr %.2e  %.1f images/s", state.step,
+             w.cfg.train.steps, m["loss"], m["recon"], m["kl"], anchor, m["lr"], m["images_per_s"])
 
 
 def _export(w: _Worker, vae: "AutoencoderKL", state: TrainState) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipelines.demo import DemoConfig, run_demo
+from pipelines.demo import DemoConfig, LocalRayHead, run_demo, uses_path
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +37,20 @@ def test_demo_runs_every_stage_and_writes_the_summary(tmp_path):
     assert Path(on_disk["sample_grid"]).is_file()
     assert (Path(on_disk["model_dir"]) / "model_index.json").is_file()
     assert "mlflow ui --backend-store-uri sqlite:///" in on_disk["mlflow_ui"]
-    # it stopped what it started: no process of its Ray head or its image server is left
-    def ours(cmdline: str) -> bool:
-        return str(tmp_path) in cmdline or "/tmp/lfray-" in cmdline
-
-    leftovers = [p.info for p in psutil.process_iter(["cmdline", "create_time"])
-                 if p.info["create_time"] >= started and ours(" ".join(p.info["cmdline"] or []))]
+    # it stopped what it started: no process of its Ray head or its image server is left (by command line
+    # or by open files: Ray's agents rename themselves but keep their logs open in the head's temp dir)
+    leftovers = [(p.pid, p.name()) for p in psutil.process_iter()
+                 if p.create_time() >= started and (uses_path(p, str(tmp_path)) or uses_path(p, "/tmp/lfray-"))]
     assert leftovers == []
+
+
+def test_local_ray_head_stop_ends_every_process_of_that_head():
+    head = LocalRayHead(num_cpus=1)
+    head.start()
+    try:
+        started = [p for p in psutil.process_iter() if uses_path(p, head.temp_dir)]
+        names = {p.name() for p in started}
+        assert len(started) >= 3 and any("raylet" in n for n in names), names  # gcs, raylet, agents...
+    finally:
+        head.stop()
+    assert [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
