@@ -87,7 +87,14 @@ class LocalRayHead:
     def stop(self) -> None:
         import psutil
 
-        ours = [p for p in psutil.process_iter() if uses_path(p, self.temp_dir)]
+        ours = {p.pid: p for p in psutil.process_iter() if uses_path(p, self.temp_dir)}
+        for proc in list(ours.values()):  # plus their children: workers rename themselves and may log nowhere
+            try:
+                ours.update({c.pid: c for c in proc.children(recursive=True)})
+            except psutil.Error:
+                pass
+        ours.pop(os.getpid(), None)  # never the caller
+        ours = list(ours.values())
         for proc in ours:
             _signal(proc, signal.SIGTERM)
         _, alive = psutil.wait_procs(ours, timeout=15)
