@@ -54,4 +54,4 @@ def test_local_ray_head_stop_ends_every_process_of_that_head():
     finally:
         head.stop()
     left = [p for p in psutil.process_iter() if uses_path(p, head.temp_dir) and p.status() != psutil.STATUS_ZOMBIE]
-    assert left == []  # the old command-line-only matching left ray::DashboardAgent & co. (logs open here)
+    assert left == []
