@@ -94,10 +94,9 @@ class LocalRayHead:
             except psutil.Error:
                 pass
         ours.pop(os.getpid(), None)  # never the caller
-        ours = list(ours.values())
-        for proc in ours:
+        for proc in ours.values():
             _signal(proc, signal.SIGTERM)
-        _, alive = psutil.wait_procs(ours, timeout=15)
+        _, alive = psutil.wait_procs(list(ours.values()), timeout=15)
         for proc in alive:
             _signal(proc, signal.SIGKILL)
         shutil.rmtree(self.temp_dir, ignore_errors=True)

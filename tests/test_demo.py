@@ -39,8 +39,9 @@ def test_demo_runs_every_stage_and_writes_the_summary(tmp_path):
     assert "mlflow ui --backend-store-uri sqlite:///" in on_disk["mlflow_ui"]
     # it stopped what it started: no process of its Ray head or its image server is left (by command line
     # or by open files: Ray's agents rename themselves but keep their logs open in the head's temp dir)
-    leftovers = [(p.pid, p.name()) for p in psutil.process_iter()
-                 if p.create_time() >= started and (uses_path(p, str(tmp_path)) or uses_path(p, "/tmp/lfray-"))]
+    leftovers = [(p.pid, p.info["name"]) for p in psutil.process_iter(["name", "create_time"])
+                 if (p.info["create_time"] or 0) >= started
+                 and (uses_path(p, str(tmp_path)) or uses_path(p, "/tmp/lfray-"))]
     assert leftovers == []
 
 
@@ -53,5 +54,6 @@ def test_local_ray_head_stop_ends_every_process_of_that_head():
         assert len(started) >= 3 and any("raylet" in n for n in names), names  # gcs, raylet, agents...
     finally:
         head.stop()
-    left = [p for p in psutil.process_iter() if uses_path(p, head.temp_dir) and p.status() != psutil.STATUS_ZOMBIE]
+    left = [p for p in psutil.process_iter(["status"])
+            if p.info["status"] != psutil.STATUS_ZOMBIE and uses_path(p, head.temp_dir)]
     assert left == []
