@@ -269,7 +269,8 @@ def tiny_text_config() -> dict[str, Any]:
     landing near "purple"), and the demo's U-Net learned colour partly from the shape word; held-out
     pairs such as "blue triangle" then came out purple. Measured (U-Net 1300 steps of 64, guidance 2,
     on the features of earlier demo runs): where the VAE left blue and purple close, held-out
-    all-correct 47% with three blocks, 60% with two; where it kept them apart, 92% -> 87%."""
+    all-correct 47% with three blocks, 60% with two; where it kept them apart, 92% -> 87%. The tiny presets
+    (configs/tiny/precompute.yaml) now take layer "embeddings", past no random block at all."""
     return {
         "embed_dim": 64,
         "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 32,
@@ -322,8 +323,8 @@ class TextEncoderSpec:
     id: str
     width: int
     context_length: int
-    layer: str | int  # "penultimate", "last" or a block index (negative counts from the end)
-    block_index: int  # the absolute 0-based transformer block whose output is used
+    layer: str | int  # "penultimate", "last", "embeddings" or a block index (negative counts from the end)
+    block_index: int  # the absolute 0-based transformer block whose output is used; -1: no block
     num_layers: int
 
 
@@ -351,10 +352,13 @@ class _TextTower(nn.Module):
         self.register_buffer("attn_mask", None if mask is None else mask.clone(), persistent=False)
 
     def forward(self, tokens: torch.Tensor, block_index: int) -> torch.Tensor:
-        """(B, L) token ids -> ln_final(output of block `block_index`) (B, L, width)."""
+        """(B, L) token ids -> ln_final(output of block `block_index`) (B, L, width); block_index -1:
+        ln_final(token + position embeddings), each word's state independent of the other words."""
         cast_dtype = self.transformer.get_cast_dtype()
         x = self.token_embedding(tokens).to(cast_dtype)  # (B, L, width)
         x = x + self.positional_embedding.to(cast_dtype)
+        if block_index < 0:
+            return self.ln_final(x)
         mask = None if self.attn_mask is None else self.attn_mask.to(cast_dtype)
         # open_clip's own block loop with its causal mask; stop_early skips the unused blocks
         _, states = self.transformer.forward_intermediates(
@@ -363,6 +367,8 @@ class _TextTower(nn.Module):
 
 
 def _resolve_layer(layer: str | int, num_layers: int) -> int:
+    if layer == "embeddings":
+        return -1
     if layer == "penultimate":
         index = num_layers - 2
     elif layer == "last":
@@ -370,7 +376,7 @@ def _resolve_layer(layer: str | int, num_layers: int) -> int:
     elif isinstance(layer, int) and not isinstance(layer, bool):
         index = layer + num_layers if layer < 0 else layer
     else:
-        raise ValueError(f"layer must be 'penultimate', 'last' or an int, got {layer!r}")
+        raise ValueError(f"layer must be 'penultimate', 'last', 'embeddings' or an int, got {layer!r}")
     if not 0 <= index < num_layers:
         raise ValueError(f"layer {layer!r} is out of range for a {num_layers}-block text tower")
     return index

@@ -49,10 +49,10 @@ class DemoConfig:
     # Served, downloaded and trained at 32 px: a quarter of the compute of 64 px a step, so both models get
     # enough steps in ~15 minutes on 2 cores (the U-Net's latents: image_size / the tiny VAE's factor 4).
     image_size: int = 32
-    # 500: with the colour anchor the tiny VAE reconstructs every colour and shape right by ~480 steps (one
-    # process, 32 px), and the ~40 s saved keep the demo near 15 minutes (600 steps: 15.8 min in one run).
-    vae_steps: int = 500
-    unet_steps: int | None = None  # None: configs/tiny-cpu.yaml's schedule; a number also sets a 10% warm-up
+    # None: the presets' schedules (configs/tiny/train_vae.yaml, configs/tiny-cpu.yaml); a number also sets a
+    # 10% warm-up
+    vae_steps: int | None = None
+    unet_steps: int | None = None
     seen_prompts: int = 30  # seen (colour, shape) combinations evaluated, besides all 30 held-out ones
     images_per_prompt: int = 2
     # Low guidance: at 3 and above the small squares come out with pinched, concave sides (guidance exaggerates
@@ -117,6 +117,13 @@ def _signal(proc: Any, sig: int) -> None:
         proc.send_signal(sig)
     except Exception:  # noqa: BLE001 - already gone
         pass
+
+
+def _schedule(steps: int | None, steps_key: str, warmup_key: str) -> list[str]:
+    """--set overrides for a step count with a 10% warm-up; none (the preset's schedule) for None."""
+    if steps is None:
+        return []
+    return ["--set", f"{steps_key}={steps}", "--set", f"{warmup_key}={max(1, steps // 10)}"]
 
 
 def _child_env(**extra: str) -> dict[str, str]:
@@ -231,16 +238,14 @@ class Demo:
                  "--set", f"input_dir={self.path('raw')}", "--set", f"output_dir={self.path('filtered')}")
         self.job("train_vae", "train_vae.py", "--config", "configs/tiny/train_vae.yaml", "--set", size,
                  "--set", f"input_dir={self.path('filtered')}", "--set", f"output_dir={self.path('vae')}",
-                 "--set", f"storage_path={self.path('runs')}", "--set", f"train.steps={c.vae_steps}",
-                 "--set", f"train.warmup_steps={max(1, c.vae_steps // 10)}")
+                 "--set", f"storage_path={self.path('runs')}",
+                 *_schedule(c.vae_steps, "train.steps", "train.warmup_steps"))
         self.job("precompute", "precompute_latents.py", "--config", "configs/tiny/precompute.yaml", "--set", size,
                  "--set", f"input_dir={self.path('filtered')}", "--set", f"output_dir={self.path('features')}",
                  "--set", f"vae.source={self.path('vae')}")
-        schedule = [] if c.unet_steps is None else [
-            "--set", f"max_steps={c.unet_steps}", "--set", f"lr.warmup_steps={max(1, c.unet_steps // 10)}"]
         self.job("train_unet", "train_unet.py", "--config", "configs/tiny-cpu.yaml",
                  "--set", f"features_dir={self.path('features')}", "--set", f"storage_path={self.path('runs')}",
-                 "--set", f"run_name={RUN_NAME}", *schedule,
+                 "--set", f"run_name={RUN_NAME}", *_schedule(c.unet_steps, "max_steps", "lr.warmup_steps"),
                  "--set", f"model.overrides.sample_size={latent_side}",
                  "--set", "mlflow.registered_model=latentforge-demo")
         prompts = self.out / "eval_prompts.jsonl"

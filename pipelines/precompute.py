@@ -87,7 +87,8 @@ class VAEConfig:
 class TextEncoderConfig:
     model: str = "tiny"  # "tiny" or an open_clip model name such as "ViT-H-14"
     weights: str | None = None  # local open_clip checkpoint file; None = seeded random init
-    layer: str | int = "penultimate"  # "penultimate" (SD 2), "last", or a block index
+    # "penultimate" (SD 2), "last", "embeddings" (token + position embeddings, no block) or a block index
+    layer: str | int = "penultimate"
     seed: int = 0  # only for random init
 
 

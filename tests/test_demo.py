@@ -54,6 +54,18 @@ def test_local_ray_head_stop_ends_every_process_of_that_head():
         assert len(started) >= 3 and any("raylet" in n for n in names), names  # gcs, raylet, agents...
     finally:
         head.stop()
+    # Every process seen using the head's temp dir must end. A bounded wait, not a check at one instant: a
+    # short-lived process (a worker starting up) may still be exiting on its own; the agents the old
+    # command-line-only matching missed (ray::DashboardAgent & co.) lived on for good.
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert [p for p in alive if _still_running(p)] == []
     left = [p for p in psutil.process_iter(["status"])
             if p.info["status"] != psutil.STATUS_ZOMBIE and uses_path(p, head.temp_dir)]
     assert left == []
+
+
+def _still_running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # ended between the wait and this look
+        return False

@@ -162,6 +162,24 @@ def test_layers_match_open_clip(text):
     assert torch.equal(minus_two(["a red cube", "two green circles"])[0], pen_states)
 
 
+def test_embeddings_layer_keeps_each_word_to_itself(text):
+    # "embeddings": no transformer block, so a word's state does not depend on the words before it;
+    # after one (random) block it does. Position 4 holds "triangle" in both captions (SOT a small X triangle).
+    emb = build_text_encoder("tiny", layer="embeddings")
+    captions = ["a small blue triangle", "a small red triangle"]
+    emb_states, _ = emb(captions)
+    pen_states, _ = text(captions)
+    assert emb.spec.block_index == -1 and emb.id.endswith("layer=embeddings")
+    assert torch.equal(emb_states[0, 4], emb_states[1, 4])
+    assert not torch.allclose(pen_states[0, 4], pen_states[1, 4])
+    assert not torch.allclose(emb_states[0, 3], emb_states[1, 3])  # the colour words themselves differ
+    with torch.no_grad():
+        tokens, _ = emb.tokenize(captions)
+        tower = emb.tower
+        expected = tower.ln_final(tower.token_embedding(tokens) + tower.positional_embedding)
+    assert torch.equal(emb_states, expected)
+
+
 def test_text_bad_arguments(text):
     with pytest.raises(TypeError, match="list of str"):
         text("a red cube")
