@@ -594,6 +594,10 @@ def run_precompute(cfg: PrecomputeConfig) -> StageReport:
     import ray
 
     cfg.validate()
+    if cfg.text.layer == "embeddings" and cfg.text.weights is not None:
+        log.warning("text.layer=embeddings with trained text weights (%s): the U-Net gets each word without its "
+                    "context; Stable Diffusion conditions on --set text.layer=penultimate (SD 2) or last (SD 1.x)",
+                    cfg.text.weights)
     # absolute in the driver: the read tasks run in other working directories
     cfg = dataclasses.replace(cfg, input_dir=storage.absolute(cfg.input_dir),
                               output_dir=storage.absolute(cfg.output_dir))
