@@ -142,17 +142,19 @@ def test_zero1_and_zero3_train_to_the_same_weights(work, ray_local, ref, stage, 
     overrides = [f"deepspeed.zero_stage={stage}"]
     if stage == 1:  # also: an unreachable tracking server only warns
         overrides.append("mlflow.tracking_uri=http://127.0.0.1:9")
-    result = run_training(make_cfg(work, f"zero{stage}", *overrides))
+    cfg = make_cfg(work, f"zero{stage}", *overrides)
+    result = run_training(cfg)
     assert result.steps == STEPS
     a, b = exported_weights(ref), exported_weights(result)
     # Same data, same draws, same math: only the order of the gradient reductions differs. Adam turns a
     # last-bit difference in a near-zero gradient into a step of up to ~lr, so a handful of elements may
-    # differ by a few lr (3e-4 measured at lr 1e-3); everything else must agree to float32 noise.
-    lr = 1e-3
-    for key in a:
-        diff = (b[key] - a[key]).abs()
-        assert diff.max() < 5 * lr, key
-        assert (diff > 1e-5).float().mean() < 2e-3, key
+    # differ by a few lr (3e-4 measured at lr 1e-3); everything else must agree to float32 noise. Counted
+    # over the whole model: one such element is already 1.6% of a 64-wide bias.
+    lr = cfg.deepspeed.adamw.lr
+    diffs = {key: (b[key] - a[key]).abs() for key in a}
+    assert max(d.max().item() for d in diffs.values()) < 5 * lr
+    differing = sum(int((d > 1e-5).sum()) for d in diffs.values())
+    assert differing < 2e-3 * sum(d.numel() for d in diffs.values()), differing
     if stage == 1:
         assert result.mlflow_run_id is None
         assert any("MLflow at http://127.0.0.1:9 failed" in r.getMessage() for r in caplog.records)
@@ -163,8 +165,10 @@ def test_overfit_run_logs_params_metrics_images_and_registers_the_model(work, ra
     import pandas as pd
     from mlflow import MlflowClient
 
+    # eps: its loss falls fast enough to see in 30 steps. The preset's v loss (min-SNR weighted) starts lower and
+    # falls slowly at first (measured: first 5 steps 0.35, last 5 0.34); the other tests here train with v.
     cfg = make_cfg(work, "overfit", "max_steps=30", "samples.every_steps=15", "mlflow.registered_model=tiny-test",
-                   "lr.warmup_steps=5", features="small")
+                   "lr.warmup_steps=5", "objective.prediction_type=eps", features="small")
     result = run_training(cfg)
     history = [v for _, v in sorted(losses(work, result.mlflow_run_id).items())]
     assert len(history) == 30 and np.isfinite(history).all()
