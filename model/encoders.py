@@ -318,13 +318,16 @@ def create_open_clip(name: str, weights: str | os.PathLike | None = None, seed: 
     return _seeded_build(seed, lambda: open_clip.create_model(oc_name, pretrained=pretrained))
 
 
+EMBEDDINGS_ONLY = -1  # block index of the "embeddings" layer: token + position embeddings, before any block
+
+
 @dataclass(frozen=True)
 class TextEncoderSpec:
     id: str
     width: int
     context_length: int
     layer: str | int  # "penultimate", "last", "embeddings" or a block index (negative counts from the end)
-    block_index: int  # the absolute 0-based transformer block whose output is used; -1: no block
+    block_index: int  # the absolute 0-based transformer block whose output is used; EMBEDDINGS_ONLY: none
     num_layers: int
 
 
@@ -352,12 +355,12 @@ class _TextTower(nn.Module):
         self.register_buffer("attn_mask", None if mask is None else mask.clone(), persistent=False)
 
     def forward(self, tokens: torch.Tensor, block_index: int) -> torch.Tensor:
-        """(B, L) token ids -> ln_final(output of block `block_index`) (B, L, width); block_index -1:
+        """(B, L) token ids -> ln_final(output of block `block_index`) (B, L, width); EMBEDDINGS_ONLY:
         ln_final(token + position embeddings), each word's state independent of the other words."""
         cast_dtype = self.transformer.get_cast_dtype()
         x = self.token_embedding(tokens).to(cast_dtype)  # (B, L, width)
         x = x + self.positional_embedding.to(cast_dtype)
-        if block_index < 0:
+        if block_index == EMBEDDINGS_ONLY:
             return self.ln_final(x)
         mask = None if self.attn_mask is None else self.attn_mask.to(cast_dtype)
         # open_clip's own block loop with its causal mask; stop_early skips the unused blocks
@@ -368,7 +371,7 @@ class _TextTower(nn.Module):
 
 def _resolve_layer(layer: str | int, num_layers: int) -> int:
     if layer == "embeddings":
-        return -1
+        return EMBEDDINGS_ONLY
     if layer == "penultimate":
         index = num_layers - 2
     elif layer == "last":

@@ -69,11 +69,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Where LocalRayHead's temp dirs go: short, because Ray's socket paths under it are limited in length.
+RAY_TEMP_PARENT = "/tmp"
+RAY_TEMP_PREFIX = "lfray-"
+
+
 class LocalRayHead:
     """`ray start --head` with a private temp dir; stop() ends only the processes of that head."""
 
     def __init__(self, num_cpus: int) -> None:
-        self.temp_dir = tempfile.mkdtemp(prefix="lfray-", dir="/tmp")  # short: Ray's socket paths are limited
+        self.temp_dir = tempfile.mkdtemp(prefix=RAY_TEMP_PREFIX, dir=RAY_TEMP_PARENT)
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.num_cpus = num_cpus

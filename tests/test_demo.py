@@ -6,12 +6,13 @@ the summary points at real outputs, and that the demo stops what it started. The
 full demo are measured by `make demo` itself (see the issue notes)."""
 
 import json
+import os
 from pathlib import Path
 
 import psutil
 import pytest
 
-from pipelines.demo import DemoConfig, LocalRayHead, run_demo, uses_path
+from pipelines.demo import RAY_TEMP_PARENT, RAY_TEMP_PREFIX, DemoConfig, LocalRayHead, run_demo, uses_path
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def test_demo_runs_every_stage_and_writes_the_summary(tmp_path):
     # or by open files: Ray's agents rename themselves but keep their logs open in the head's temp dir)
     leftovers = [(p.pid, p.info["name"]) for p in psutil.process_iter(["name", "create_time"])
                  if (p.info["create_time"] or 0) >= started
-                 and (uses_path(p, str(tmp_path)) or uses_path(p, "/tmp/lfray-"))]
+                 and (uses_path(p, str(tmp_path)) or uses_path(p, os.path.join(RAY_TEMP_PARENT, RAY_TEMP_PREFIX)))]
     assert leftovers == []
 
 

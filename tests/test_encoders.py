@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model.encoders import (
+    EMBEDDINGS_ONLY,
     FrozenTextEncoder,
     FrozenVAE,
     build_text_encoder,
@@ -169,7 +170,7 @@ def test_embeddings_layer_keeps_each_word_to_itself(text):
     captions = ["a small blue triangle", "a small red triangle"]
     emb_states, _ = emb(captions)
     pen_states, _ = text(captions)
-    assert emb.spec.block_index == -1 and emb.id.endswith("layer=embeddings")
+    assert emb.spec.block_index == EMBEDDINGS_ONLY and emb.id.endswith("layer=embeddings")
     assert torch.equal(emb_states[0, 4], emb_states[1, 4])
     assert not torch.allclose(pen_states[0, 4], pen_states[1, 4])
     assert not torch.allclose(emb_states[0, 3], emb_states[1, 3])  # the colour words themselves differ
