@@ -56,7 +56,7 @@ class DemoConfig:
     seen_prompts: int = 30  # seen (colour, shape) combinations evaluated, besides all 30 held-out ones
     images_per_prompt: int = 2
     # Low guidance: at 3 and above the small squares come out with pinched, concave sides (guidance exaggerates
-    # their corners) and the checker reads them as circles; 1.5-2 drew the most shapes right (see README).
+    # their corners); 1.5-2 drew the most shapes right (see README).
     guidance: float = 2.0
     sampler_steps: int = 20
     ray_num_cpus: int = 2

@@ -43,8 +43,13 @@ FOREGROUND_MIN_DISTANCE = 60.0
 # Shapes measured on a binary mask: an upright triangle keeps ~1/4 of its pixels above the middle of
 # its box, circles and squares 1/2; the threshold is midway.
 TRIANGLE_MAX_TOP_FRACTION = 0.375
-# Fill ratio of the box: circle pi/4 ~ 0.785, square 1.0; the threshold is midway.
-SQUARE_MIN_FILL = (math.pi / 4 + 1.0) / 2
+# Circle or square: a square and the circle inscribed in its box differ only in the box's four corners
+# (the pixels outside the inscribed circle), filled by the square and empty for the circle. Whichever of
+# the two the blob is nearer to, pixel for pixel, is the one whose corners it matches: more than half
+# of the corner pixels filled -> square. Pixels missing elsewhere (a dent in the middle of a side, which
+# small squares drawn on an 8x8 latent grid often have) are missing from both and decide nothing; the
+# box's overall fill ratio, the rule before, counted them as roundness and read dented squares as circles.
+SQUARE_MIN_CORNER_FILL = 0.5
 # Box side as a fraction of the image side: small 0.3, large 0.6, the threshold midway. A box under
 # half the small side has no size we draw; one over midway between large and the whole canvas is no
 # shape at all but clutter spanning the image (noise, a dirty background).
@@ -75,6 +80,7 @@ class ReadBack:
     size: str | None
     position: str
     fill_ratio: float  # blob pixels / box pixels
+    corner_fill: float  # share of the box's corner pixels (outside its inscribed circle) in the blob
     top_fraction: float  # share of blob pixels above the box's middle row
     side_fraction: float  # longer box side / image side
     center: tuple[float, float]  # box centre (x, y) in pixels, pixel centres at k + 0.5
@@ -137,10 +143,21 @@ def _find_blob(image: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return blob, _core_rgb(image, blob, distance)
 
 
-def _read_shape(fill_ratio: float, top_fraction: float) -> str:
+def _corner_fill(box_blob: np.ndarray) -> float:
+    """Share of the box's corner pixels in the blob: those whose centre lies outside the ellipse inscribed
+    in the box. box_blob is the (h, w) blob cropped to its box; a square scores 1, its inscribed circle 0."""
+    height, width = box_blob.shape
+    ys, xs = np.mgrid[0:height, 0:width]  # (h, w) each
+    u = (xs + 0.5 - width / 2) / (width / 2)  # pixel centres in units of the half side: the box is [-1, 1]^2
+    v = (ys + 0.5 - height / 2) / (height / 2)
+    corners = u ** 2 + v ** 2 > 1.0
+    return float(box_blob[corners].mean()) if corners.any() else 0.0
+
+
+def _read_shape(corner_fill: float, top_fraction: float) -> str:
     if top_fraction < TRIANGLE_MAX_TOP_FRACTION:
         return "triangle"
-    return "square" if fill_ratio >= SQUARE_MIN_FILL else "circle"
+    return "square" if corner_fill > SQUARE_MIN_CORNER_FILL else "circle"
 
 
 def _read_size(side_fraction: float) -> str | None:
@@ -174,6 +191,7 @@ def read_attributes(image: Any) -> ReadBack | None:
     middle = (top + bottom) / 2  # the triangle's apex is at the top: its pixels sit low in the box
     top_fraction = float(((ys < middle).sum() + 0.5 * (ys == middle).sum()) / len(ys))
     fill_ratio = float(len(ys) / (box_h * box_w))
+    corner_fill = _corner_fill(blob[top:bottom + 1, left:right + 1])
     side_fraction = max(box_h, box_w) / width
     if side_fraction > SPAN_MAX:
         return None
@@ -181,10 +199,10 @@ def read_attributes(image: Any) -> ReadBack | None:
     gaps = np.sqrt(((_PALETTE - core) ** 2).sum(axis=1))  # (6,)
     nearest = int(np.argmin(gaps))
     return ReadBack(
-        shape=_read_shape(fill_ratio, top_fraction),
+        shape=_read_shape(corner_fill, top_fraction),
         color=_PALETTE_NAMES[nearest] if gaps[nearest] <= COLOR_MAX_DISTANCE else None,
         size=_read_size(side_fraction), position=_read_position(center, width),
-        fill_ratio=fill_ratio, top_fraction=top_fraction, side_fraction=side_fraction, center=center,
+        fill_ratio=fill_ratio, corner_fill=corner_fill, top_fraction=top_fraction, side_fraction=side_fraction, center=center,
         box=(left, top, right, bottom), blob_pixels=len(ys),
         median_rgb=tuple(int(round(v)) for v in core), color_distance=float(gaps[nearest]))
 
