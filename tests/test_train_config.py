@@ -83,6 +83,25 @@ def test_tracker_finds_its_run_again_and_keeps_params(tmp_path):
     assert experiment.artifact_location.endswith(str(tmp_path / "mlartifacts"))
 
 
+def test_evaluation_run_nests_under_its_training_run_or_gets_a_new_run_when_the_store_lacks_it(tmp_path, caplog):
+    from mlflow import MlflowClient
+
+    settings = MLflowSettings(tracking_uri=f"sqlite:///{tmp_path / 'db.sqlite'}", experiment="e", system_metrics=False)
+    training = Tracker.open(settings, "train")
+    child = Tracker.open_child(settings, "eval", training.run_id)
+    client = MlflowClient(settings.tracking_uri)
+    assert client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == training.run_id
+    # A training run of another store (a job that runs without MLFLOW_TRACKING_URI in a temporary copy):
+    # the evaluation still gets a run, top level, and the log says which store lacked the parent and why.
+    elsewhere = MLflowSettings(tracking_uri=f"sqlite:///{tmp_path / 'other.sqlite'}", experiment="e",
+                               system_metrics=False)
+    with caplog.at_level(logging.WARNING, logger="latentforge.tracking"):
+        orphan = Tracker.open_child(elsewhere, "eval", training.run_id)
+    assert orphan.run_id is not None and orphan.failures == 0
+    assert "mlflow.parentRunId" not in MlflowClient(elsewhere.tracking_uri).get_run(orphan.run_id).data.tags
+    assert any(training.run_id in r.getMessage() and "MLFLOW_TRACKING_URI" in r.getMessage() for r in caplog.records)
+
+
 def test_tracker_with_the_server_down_warns_once_and_goes_on(caplog):
     settings = MLflowSettings(tracking_uri="http://127.0.0.1:9", experiment="e", http_retries=0, http_timeout_s=2)
     with caplog.at_level(logging.WARNING, logger="latentforge.tracking"):
