@@ -202,8 +202,8 @@ def read_attributes(image: Any) -> ReadBack | None:
         shape=_read_shape(corner_fill, top_fraction),
         color=_PALETTE_NAMES[nearest] if gaps[nearest] <= COLOR_MAX_DISTANCE else None,
         size=_read_size(side_fraction), position=_read_position(center, width),
-        fill_ratio=fill_ratio, corner_fill=corner_fill, top_fraction=top_fraction, side_fraction=side_fraction, center=center,
-        box=(left, top, right, bottom), blob_pixels=len(ys),
+        fill_ratio=fill_ratio, corner_fill=corner_fill, top_fraction=top_fraction, side_fraction=side_fraction,
+        center=center, box=(left, top, right, bottom), blob_pixels=len(ys),
         median_rgb=tuple(int(round(v)) for v in core), color_distance=float(gaps[nearest]))
 
 

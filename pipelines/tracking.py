@@ -104,30 +104,32 @@ class Tracker:
     def _create_child(self, run_name: str, parent_run_id: str | None) -> str:
         tags = {RUN_NAME_TAG: run_name}
         parent = self._find_run(parent_run_id) if parent_run_id else None
+        if parent_run_id and parent is None:
+            # Typically a job under `ray job submit --working-dir .` without MLFLOW_TRACKING_URI: the default
+            # sqlite file is then a fresh one in the job's copy of the repository.
+            log.warning("MLflow: the training run %s is not in %s; logging to a new run instead. Point "
+                        "MLFLOW_TRACKING_URI (or mlflow.tracking_uri) at the training's tracking store to nest "
+                        "it there", parent_run_id, self.settings.tracking_uri)
         if parent is not None:
             experiment_id = parent.info.experiment_id
             tags["mlflow.parentRunId"] = parent_run_id
         else:
-            if parent_run_id:
-                # Typically a job under `ray job submit --working-dir .` without MLFLOW_TRACKING_URI: the default
-                # sqlite file is then a fresh one in the job's copy of the repository.
-                log.warning("MLflow: the training run %s is not in %s; logging to a new run instead. Point "
-                            "MLFLOW_TRACKING_URI (or mlflow.tracking_uri) at the training's tracking store to nest "
-                            "it there", parent_run_id, self.settings.tracking_uri)
-                parent_run_id = None
             experiment_id = self._experiment_id()
         run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-        log.info("MLflow: run %s (%s)%s", run_name, run_id, f" under {parent_run_id}" if parent_run_id else "")
+        nested = f" under {parent_run_id}" if parent is not None else ""
+        log.info("MLflow: run %s (%s)%s", run_name, run_id, nested)
         return run_id
 
     def _find_run(self, run_id: str) -> Any | None:
+        """The run, or None when this store has no such run (other failures are Tracker.call's business)."""
         from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
         try:
             return self.client.get_run(run_id)
         except MlflowException as err:
-            if "not found" not in str(err).lower():
-                raise  # a store that does not answer is Tracker.call's business (retries, cool-down)
+            if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                raise
             return None
 
     def _experiment_id(self) -> str:

@@ -69,7 +69,8 @@ def test_a_square_with_dented_sides_is_still_a_square():
     dents = np.zeros((32, 32), dtype=bool)  # one pixel deep, four wide, in the middle of each side
     dents[14:18, [11, 20]] = dents[[11, 20], 14:18] = True
     read = read_attributes(_drawn(_rounded_square(10, 0.0, canvas=32) & ~dents))
-    assert read.shape == "square" and read.fill_ratio < (np.pi / 4 + 1) / 2 < read.corner_fill
+    old_rule_min_fill = (np.pi / 4 + 1) / 2  # midway between a circle's and a square's fill of their box
+    assert read.shape == "square" and read.fill_ratio < old_rule_min_fill < read.corner_fill
 
 
 @pytest.mark.parametrize("radius_fraction, shape", [(0.0, "square"), (0.15, "square"), (0.3, "square"),
