@@ -7,12 +7,16 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Stamp file: install reruns only when the dependency lists change.
 STAMP := $(VENV)/.installed
+# DeepSpeed's JIT-built ops live in the virtualenv, not in ~/.cache: built once by `make install`, found by the
+# demo, the tests and their Ray workers whatever HOME is, and gone with the virtualenv.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
+DS_OPS := $(TORCH_EXTENSIONS_DIR)/.built
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
 .PHONY: install demo test test-fast bench constraints clean
 
-install: $(STAMP)
+install: $(STAMP) $(DS_OPS)
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -21,10 +25,13 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, from the pinned pair (torchvision must match torch exactly).
 	$(PIP) install --quiet -c constraints.txt torch torchvision
 	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
-	# Prebuild DeepSpeed's CPU shared-memory comm op (into ~/.cache/torch_extensions): otherwise the first
-	# deepspeed.initialize on CPU JIT-compiles it for about a minute inside a test. A no-op when already built.
-	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 	touch $(STAMP)
+
+# Prebuild DeepSpeed's CPU shared-memory comm op: otherwise the first deepspeed.initialize on CPU JIT-compiles it
+# for about a minute inside a test or a training worker.
+$(DS_OPS): $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
+	touch $(DS_OPS)
 
 demo: install
 	$(PY) jobs/demo.py $(DEMO_ARGS)

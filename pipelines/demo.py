@@ -3,9 +3,10 @@
     summary = run_demo(DemoConfig(out_dir="demo-output"))
 
 Starts what it needs and stops what it started: the synthetic image server (jobs/serve_synthetic.py) and a
-Ray head of its own (`ray start --head` with a private temp dir, so stopping it never touches another Ray on
-the machine). Each stage is `python jobs/<stage>.py --config ... --set ...` with RAY_ADDRESS pointing at that
-head, exactly as a user would type it; a stage that exits non-zero stops the demo with its name and log.
+private Ray head (pipelines/local_ray.py: a temp dir and a token of its own, 127.0.0.1 only; stopping it never
+touches another Ray on the machine, and nothing is read from or written to ~/.ray). Each stage is
+`python jobs/<stage>.py --config ... --set ...` with RAY_ADDRESS and the token's path pointing at that head,
+exactly as a user would type it; a stage that exits non-zero stops the demo with its name and log.
 """
 
 from __future__ import annotations
@@ -14,17 +15,15 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.local_ray import LocalRayHead
 from pipelines.synthetic import caption_for, held_out_attributes, training_attributes
 
 log = logging.getLogger("latentforge.demo")
@@ -63,67 +62,6 @@ class DemoConfig:
     extra: dict[str, list[str]] = field(default_factory=dict)  # per stage: more --set overrides
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# Where LocalRayHead's temp dirs go: short, because Ray's socket paths under it are limited in length.
-RAY_TEMP_PARENT = "/tmp"
-RAY_TEMP_PREFIX = "lfray-"
-
-
-class LocalRayHead:
-    """`ray start --head` with a private temp dir; stop() ends only the processes of that head."""
-
-    def __init__(self, num_cpus: int) -> None:
-        self.temp_dir = tempfile.mkdtemp(prefix=RAY_TEMP_PREFIX, dir=RAY_TEMP_PARENT)
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.num_cpus = num_cpus
-
-    def start(self) -> None:
-        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={self.port}",
-               f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
-               "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
-        subprocess.run(cmd, check=True, capture_output=True, text=True, env=_child_env())
-
-    def stop(self) -> None:
-        import psutil
-
-        ours = {p.pid: p for p in psutil.process_iter() if uses_path(p, self.temp_dir)}
-        for proc in list(ours.values()):  # plus their children: workers rename themselves and may log nowhere
-            try:
-                ours.update({c.pid: c for c in proc.children(recursive=True)})
-            except psutil.Error:
-                pass
-        ours.pop(os.getpid(), None)  # never the caller
-        for proc in ours.values():
-            _signal(proc, signal.SIGTERM)
-        _, alive = psutil.wait_procs(list(ours.values()), timeout=15)
-        for proc in alive:
-            _signal(proc, signal.SIGKILL)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def uses_path(proc: Any, path: str) -> bool:
-    """Whether a psutil.Process names `path` on its command line or holds a file under it open. Both are
-    needed: Ray's dashboard and runtime-env agents rename themselves (ray::DashboardAgent) and show no
-    temp dir on the command line, but keep their logs open in it."""
-    try:
-        return path in " ".join(proc.cmdline()) or any(f.path.startswith(path) for f in proc.open_files())
-    except Exception:  # noqa: BLE001 - gone, a zombie, or not ours to inspect
-        return False
-
-
-def _signal(proc: Any, sig: int) -> None:
-    try:
-        proc.send_signal(sig)
-    except Exception:  # noqa: BLE001 - already gone
-        pass
-
-
 def _schedule(steps: int | None, steps_key: str, warmup_key: str) -> list[str]:
     """--set overrides for a step count with a 10% warm-up; none (the preset's schedule) for None."""
     if steps is None:
@@ -133,7 +71,6 @@ def _schedule(steps: int | None, steps_key: str, warmup_key: str) -> list[str]:
 
 def _child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
     env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
                 "RAY_DEDUP_LOGS": "1", **extra})
     return env
@@ -153,7 +90,7 @@ class Demo:
         self.out = Path(cfg.out_dir).resolve()
         self.logs = self.out / "logs"
         self.timings: dict[str, float] = {}
-        self.env: dict[str, str] = {}
+        self.head: LocalRayHead | None = None  # the private Ray head the stages run on, while run() runs
 
     def path(self, name: str) -> str:
         return str(self.out / name)
@@ -169,7 +106,9 @@ class Demo:
         print(f"\n[demo] {stage}: {' '.join(cmd[1:])}", flush=True)
         start = time.time()
         with open(log_path, "w", buffering=1) as log_file:  # line-buffered: `tail -f` shows progress
-            proc = subprocess.Popen(cmd, cwd=REPO, env=_child_env(**self.env), stdout=subprocess.PIPE,
+            assert self.head is not None, "job() runs inside run()"
+            env = self.head.client_env(_child_env(MLFLOW_TRACKING_URI=f"sqlite:///{self.path('mlflow.db')}"))
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
             last_progress = 0.0
             for line in proc.stdout:
@@ -192,22 +131,19 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         started = time.time()
-        head = LocalRayHead(self.cfg.ray_num_cpus)
         server = None
+        self.head = LocalRayHead(self.cfg.ray_num_cpus)
         try:
-            print(f"[demo] starting a local Ray head ({self.cfg.ray_num_cpus} CPUs) and the synthetic image server",
-                  flush=True)
-            head.start()
-            # Ray 2.60 heads require the token `ray start` wrote (~/.ray/auth_token): RAY_AUTH_MODE makes drivers send it.
-            self.env = {"RAY_ADDRESS": head.address, "RAY_AUTH_MODE": "token",
-                        "MLFLOW_TRACKING_URI": f"sqlite:///{self.path('mlflow.db')}"}
+            print(f"[demo] starting a private local Ray head ({self.cfg.ray_num_cpus} CPUs, 127.0.0.1, a token of its "
+                  "own) and the synthetic image server", flush=True)
+            self.head.start()
             server = self.start_server()
             self.stages()
         finally:
             if server is not None:
                 server.terminate()
                 server.wait(timeout=30)
-            head.stop()
+            self.head.stop()
             print("[demo] stopped the image server and the Ray head", flush=True)
         return self.summarize(time.time() - started)
 

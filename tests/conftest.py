@@ -1,7 +1,33 @@
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
 from model.config import UNetConfig
+from pipelines.local_ray import FOREIGN_RAY_VARS, private_ray_env, write_token
+
+_RAY_ENV = pytest.StashKey[tuple[pytest.MonkeyPatch, str]]()  # what pytest_unconfigure undoes and removes
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every Ray this test session starts or joins is private: token auth with a token made for this session
+    (in a 0700 temp dir, removed at the end; never ~/.ray), and 127.0.0.1 only. Set here, before any test
+    module imports Ray (a process reads these once), and inherited by the jobs tests run as subprocesses."""
+    token_dir = tempfile.mkdtemp(prefix="latentforge-tests-ray-")
+    patch = pytest.MonkeyPatch()
+    for name in FOREIGN_RAY_VARS:
+        patch.delenv(name, raising=False)
+    for name, value in private_ray_env({}, write_token(token_dir)).items():
+        patch.setenv(name, value)
+    config.stash[_RAY_ENV] = (patch, token_dir)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    patch, token_dir = config.stash[_RAY_ENV]
+    patch.undo()
+    shutil.rmtree(token_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -26,14 +52,11 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One real local Ray for the whole test session (started on first use, 2 CPUs, no dashboard)."""
-    import os
-
+    """One real local Ray for the whole test session (started on first use, 2 CPUs, no dashboard), private
+    through pytest_configure's environment."""
     import ray
     from pipelines.runtime import init_ray
 
-    if os.environ.get("RAY_ADDRESS"):
-        pytest.fail("RAY_ADDRESS is set: tests start their own local Ray; unset it")
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
