@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from model.config import PRESETS
 from model.schedule import NoiseSchedule
 from model.unet import UNet
-from pipelines import schema
-from pipelines.loader import BATCH_LATENTS, BATCH_TEXT_MASK, BATCH_TEXT_STATES, FeatureLoader, LoaderConfig
+from pipelines.data import schema
+from pipelines.data.loader import BATCH_LATENTS, BATCH_TEXT_MASK, BATCH_TEXT_STATES, FeatureLoader, LoaderConfig
 
 LATENT_TO_PIXELS = 4  # the tiny VAE's downsampling; only recorded in the manifest (image_size)
 

@@ -1,6 +1,6 @@
 """The training job's full step against the bare U-Net step, at the same batch: the job's overhead.
 
-The job's step is `Worker.train_step` of pipelines/train_loop.py, the exact code every Ray Train worker
+The job's step is `Worker.train_step` of pipelines/train/worker.py, the exact code every Ray Train worker
 runs: the feature loader (Parquet shards -> sampled latents), the objective (timesteps, noise, caption
 dropout, min-SNR weights), the DeepSpeed engine (ZeRO stage of the config, forward, backward, clipping,
 AdamW), the agreed NaN check and the EMA update. The bare step is bench/unet_step.py's: our U-Net,
@@ -50,10 +50,10 @@ def _single_rank_process_group() -> None:
 
 def build_job_worker(args, workdir: str):
     """The job's Worker on world size 1, over synthetic features matching the preset."""
-    from pipelines.config import apply_override, from_dict
-    from pipelines.synthetic_features import write_synthetic_features
-    from pipelines.train_config import TrainConfig
-    from pipelines.train_loop import Launch, Worker
+    from pipelines.core.config import apply_override, from_dict
+    from pipelines.synthetic.features import write_synthetic_features
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.worker import Launch, Worker
 
     features = os.path.join(workdir, "features")
     write_synthetic_features(features, rows=args.batch * 4, shards=2)

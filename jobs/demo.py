@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from pipelines.config import parse_job_args
+from pipelines.core.config import parse_job_args
+from pipelines.core.runtime import setup_logging
 from pipelines.demo import DemoConfig, StageFailed, run_demo
-from pipelines.runtime import setup_logging
 
 log = logging.getLogger("latentforge.demo")
 

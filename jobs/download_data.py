@@ -22,9 +22,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from pipelines.config import parse_job_args
-from pipelines.download import DownloadConfig, DownloadError, run_download
-from pipelines.runtime import finish, setup_logging
+from pipelines.core.config import parse_job_args
+from pipelines.core.runtime import finish, setup_logging
+from pipelines.data.download import DownloadConfig, DownloadError, run_download
 
 log = logging.getLogger("latentforge.download")
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from pipelines.config import ConfigError, parse_job_args
-from pipelines.filter import FilterConfig, check_inputs, report_path, run_filter
-from pipelines.runtime import StageReport, finish, init_ray, setup_logging
+from pipelines.core.config import ConfigError, parse_job_args
+from pipelines.core.runtime import StageReport, finish, init_ray, setup_logging
+from pipelines.data.filter import FilterConfig, check_inputs, report_path, run_filter
 
 log = logging.getLogger("latentforge")
 

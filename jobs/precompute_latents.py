@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from pipelines.config import parse_job_args
-from pipelines.precompute import FeatureMismatchError, PrecomputeConfig, run_precompute, write_report
-from pipelines.runtime import init_ray, setup_logging
+from pipelines.core.config import parse_job_args
+from pipelines.core.runtime import init_ray, setup_logging
+from pipelines.data.precompute import FeatureMismatchError, PrecomputeConfig, run_precompute, write_report
 
 log = logging.getLogger("latentforge.precompute")
 

@@ -22,9 +22,9 @@ import argparse
 import logging
 import sys
 
-from pipelines.config import ConfigError, parse_job_args
-from pipelines.evaluation import EvalConfig, check_inputs, run_evaluation
-from pipelines.runtime import init_ray, setup_logging
+from pipelines.core.config import ConfigError, parse_job_args
+from pipelines.core.runtime import init_ray, setup_logging
+from pipelines.eval.driver import EvalConfig, check_inputs, run_evaluation
 
 log = logging.getLogger("latentforge.eval")
 

@@ -1,6 +1,6 @@
 """Serve the synthetic captioned-shapes dataset over loopback HTTP, like the web, until stopped.
 
-Builds the dataset (pipelines/synthetic.py), writes it to --out (files/, routes.json, items.parquet),
+Builds the dataset (pipelines/synthetic/shapes.py), writes it to --out (files/, routes.json, items.parquet),
 serves it on 127.0.0.1 at a free port (or --port), and writes --out/url_list.parquet pointing at
 the server: feed that to jobs/download_data.py. Stops on Ctrl-C or SIGTERM.
 
@@ -16,10 +16,10 @@ import signal
 import sys
 from pathlib import Path
 
-from pipelines.config import parse_job_args
-from pipelines.runtime import setup_logging
-from pipelines.synthetic import SyntheticConfig, build_dataset
-from pipelines.synthetic_web import SyntheticServer, write_dataset, write_url_list
+from pipelines.core.config import parse_job_args
+from pipelines.core.runtime import setup_logging
+from pipelines.synthetic.shapes import SyntheticConfig, build_dataset
+from pipelines.synthetic.web import SyntheticServer, write_dataset, write_url_list
 
 log = logging.getLogger("latentforge.synthetic")
 URL_LIST_FILE = "url_list.parquet"

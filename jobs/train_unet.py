@@ -22,11 +22,11 @@ from __future__ import annotations
 import logging
 import sys
 
-from pipelines.checkpoint import CheckpointError
-from pipelines.config import ConfigError, parse_job_args
-from pipelines.runtime import setup_logging
-from pipelines.train_config import TrainConfig
-from pipelines.training import TrainingError, run_training
+from pipelines.core.config import ConfigError, parse_job_args
+from pipelines.core.runtime import setup_logging
+from pipelines.train.checkpoint import CheckpointError
+from pipelines.train.config import TrainConfig
+from pipelines.train.driver import TrainingError, run_training
 
 log = logging.getLogger("latentforge.train")
 

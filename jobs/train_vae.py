@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import sys
 
-from pipelines.config import parse_job_args
-from pipelines.runtime import setup_logging
-from pipelines.vae_training import TrainVAEConfig, run
+from pipelines.core.config import parse_job_args
+from pipelines.core.runtime import setup_logging
+from pipelines.vae.training import TrainVAEConfig, run
 
 
 def main(argv: list[str] | None = None) -> int:

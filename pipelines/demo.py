@@ -3,7 +3,7 @@
     summary = run_demo(DemoConfig(out_dir="demo-output"))
 
 Starts what it needs and stops what it started: the synthetic image server (jobs/serve_synthetic.py) and a
-private Ray head (pipelines/local_ray.py: a temp dir and a token of its own, 127.0.0.1 only; stopping it never
+private Ray head (pipelines/core/local_ray.py: a temp dir and a token of its own, 127.0.0.1 only; stopping it never
 touches another Ray on the machine, and nothing is read from or written to ~/.ray). Each stage is
 `python jobs/<stage>.py --config ... --set ...` with RAY_ADDRESS and the token's path pointing at that head,
 exactly as a user would type it; a stage that exits non-zero stops the demo with its name and log.
@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.local_ray import LocalRayHead
-from pipelines.synthetic import caption_for, held_out_attributes, training_attributes
+from pipelines.core.local_ray import LocalRayHead
+from pipelines.core.runtime import REPO_ROOT
+from pipelines.synthetic.shapes import caption_for, held_out_attributes, training_attributes
 
 log = logging.getLogger("latentforge.demo")
 
-REPO = Path(__file__).resolve().parents[1]
 SUMMARY_FILE = "summary.json"
 RUN_NAME = "demo-unet"  # the U-Net run: <out_dir>/runs/<RUN_NAME>/ holds its checkpoints, export and report
 # A Ray Train worker's progress line, e.g. "(RayTrainWorker pid=1) step 20/700 loss 0.9 ...": echoed now and then
@@ -71,7 +71,7 @@ def _schedule(steps: int | None, steps_key: str, warmup_key: str) -> list[str]:
 
 def _child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
+    env.update({"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
                 "RAY_DEDUP_LOGS": "1", **extra})
     return env
 
@@ -108,7 +108,7 @@ class Demo:
         with open(log_path, "w", buffering=1) as log_file:  # line-buffered: `tail -f` shows progress
             assert self.head is not None, "job() runs inside run()"
             env = self.head.client_env(_child_env(MLFLOW_TRACKING_URI=f"sqlite:///{self.path('mlflow.db')}"))
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
             last_progress = 0.0
             for line in proc.stdout:
@@ -158,7 +158,7 @@ class Demo:
                 "--set", "color_jitter=12"] + [
             a for kind in ("http_404", "html_page", "truncated_jpeg", "tiny_image", "empty_caption", "duplicate_image")
             for a in ("--set", f"planted.{kind}={p}")]
-        server = subprocess.Popen([sys.executable, "jobs/serve_synthetic.py", *args], cwd=REPO, env=_child_env(),
+        server = subprocess.Popen([sys.executable, "jobs/serve_synthetic.py", *args], cwd=REPO_ROOT, env=_child_env(),
                                   stdout=open(self.logs / "serve_synthetic.log", "w"), stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         while not url_list.is_file():  # the server writes the list once it listens
@@ -196,7 +196,7 @@ class Demo:
                  "--set", f"sampling.guidance_scales=[{c.guidance}]", "--set", f"sampling.steps={c.sampler_steps}")
 
     def model_dir(self) -> str:
-        from pipelines.train_loop import EXPORT_DIR
+        from pipelines.train.worker import EXPORT_DIR
 
         return self.path(f"runs/{RUN_NAME}/{EXPORT_DIR}")
 
@@ -207,9 +207,12 @@ class Demo:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def summarize(self, seconds: float) -> dict[str, Any]:
-        from pipelines import download, filter as filter_stage, precompute, training, vae_training
-        from pipelines.eval_outputs import guidance_key
-        from pipelines.evaluation import METRICS_FILE
+        from pipelines.data import download, precompute
+        from pipelines.data import filter as filter_stage
+        from pipelines.eval.driver import METRICS_FILE
+        from pipelines.eval.outputs import guidance_key
+        from pipelines.train import driver as training
+        from pipelines.vae import training as vae_training
 
         metrics = self._report(f"eval/{METRICS_FILE}") or {}
         key = guidance_key(self.cfg.guidance)

@@ -1,4 +1,3 @@
-import os
 import shutil
 import tempfile
 
@@ -6,7 +5,7 @@ import pytest
 import torch
 
 from model.config import UNetConfig
-from pipelines.local_ray import FOREIGN_RAY_VARS, private_ray_env, write_token
+from pipelines.core.local_ray import FOREIGN_RAY_VARS, private_ray_env, write_token
 
 _RAY_ENV = pytest.StashKey[tuple[pytest.MonkeyPatch, str]]()  # what pytest_unconfigure undoes and removes
 
@@ -55,7 +54,8 @@ def ray_local():
     """One real local Ray for the whole test session (started on first use, 2 CPUs, no dashboard), private
     through pytest_configure's environment."""
     import ray
-    from pipelines.runtime import init_ray
+
+    from pipelines.core.runtime import init_ray
 
     init_ray(num_cpus=2)
     yield ray

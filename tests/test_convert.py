@@ -7,10 +7,15 @@ import pytest
 import torch
 
 from model.config import PRESETS
-from model.convert import (ConversionError, config_from_diffusers, config_to_diffusers,
-                           from_diffusers_state, main, to_diffusers_state)
+from model.convert import (
+    ConversionError,
+    config_from_diffusers,
+    config_to_diffusers,
+    from_diffusers_state,
+    main,
+    to_diffusers_state,
+)
 from model.unet import UNet
-
 
 TOLERANCE = 1e-4  # max abs difference in fp32 (the acceptance bound)
 

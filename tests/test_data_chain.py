@@ -25,19 +25,28 @@ import pytest
 import torch
 
 from model.config import PRESETS
-from pipelines import schema
-from pipelines.config import load_config
-from pipelines.download import REPORT_FILE as DOWNLOAD_REPORT
-from pipelines.download import DownloadConfig, failure_reason, run_download
-from pipelines.filter import REPORT_FILE as FILTER_REPORT
-from pipelines.filter import FilterConfig, report_path, run_filter
-from pipelines.loader import (BATCH_CAPTIONS, BATCH_KEYS, BATCH_LATENTS, BATCH_TEXT_MASK, BATCH_TEXT_STATES,
-                              FeatureLoader, LoaderConfig, check_manifest_matches, load_empty_caption)
-from pipelines.precompute import REPORT_FILE as PRECOMPUTE_REPORT
-from pipelines.precompute import PrecomputeConfig, run_precompute, write_report
-from pipelines.runtime import finish
-from pipelines.synthetic import PLANTED_KINDS, PlantedCounts, SyntheticConfig, build_dataset, training_attributes
-from pipelines.synthetic_web import SyntheticServer, write_url_list
+from pipelines.core.config import load_config
+from pipelines.core.runtime import finish
+from pipelines.data import schema
+from pipelines.data.download import REPORT_FILE as DOWNLOAD_REPORT
+from pipelines.data.download import DownloadConfig, failure_reason, run_download
+from pipelines.data.filter import REPORT_FILE as FILTER_REPORT
+from pipelines.data.filter import FilterConfig, report_path, run_filter
+from pipelines.data.loader import (
+    BATCH_CAPTIONS,
+    BATCH_KEYS,
+    BATCH_LATENTS,
+    BATCH_TEXT_MASK,
+    BATCH_TEXT_STATES,
+    FeatureLoader,
+    LoaderConfig,
+    check_manifest_matches,
+    load_empty_caption,
+)
+from pipelines.data.precompute import REPORT_FILE as PRECOMPUTE_REPORT
+from pipelines.data.precompute import PrecomputeConfig, run_precompute, write_report
+from pipelines.synthetic.shapes import PLANTED_KINDS, PlantedCounts, SyntheticConfig, build_dataset, training_attributes
+from pipelines.synthetic.web import SyntheticServer, write_url_list
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "tiny"
@@ -335,7 +344,7 @@ def test_loader_resume_equals_the_uninterrupted_sequence(chain, stop_after):
 
 
 def test_features_fit_the_tiny_unet_and_carry_the_empty_caption(chain):
-    from pipelines.train_config import TrainConfig
+    from pipelines.train.config import TrainConfig
 
     loader = FeatureLoader(chain["features"], LoaderConfig(batch_size=8))
     # the U-Net that configs/tiny-cpu.yaml trains on these features (the tiny preset at 8x8 latents)

@@ -13,7 +13,7 @@ import socket
 import pytest
 import torch
 
-from pipelines.deepspeed_config import (
+from pipelines.train.deepspeed_config import (
     DEFAULT_INFRA_DIR,
     AdamWSettings,
     DeepSpeedSettings,

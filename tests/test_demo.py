@@ -12,9 +12,15 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pipelines.core.local_ray import (
+    FOREIGN_RAY_VARS,
+    LOOPBACK_ONLY,
+    RAY_TEMP_PARENT,
+    RAY_TEMP_PREFIX,
+    TOKEN_FILE,
+    uses_path,
+)
 from pipelines.demo import DemoConfig, run_demo
-from pipelines.local_ray import (FOREIGN_RAY_VARS, LOOPBACK_ONLY, RAY_TEMP_PARENT, RAY_TEMP_PREFIX, TOKEN_FILE,
-                                 uses_path)
 
 pytestmark = pytest.mark.slow
 

@@ -16,11 +16,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines.download import (
-    REPORT_FILE, DownloadConfig, DownloadError, failure_reason, plan_shards, run_download, shard_files,
+from pipelines.data.download import (
+    REPORT_FILE,
+    DownloadConfig,
+    DownloadError,
+    failure_reason,
+    plan_shards,
+    run_download,
+    shard_files,
 )
-from pipelines.synthetic import PLANTED_KINDS, PlantedCounts, SyntheticConfig, build_dataset
-from pipelines.synthetic_web import SyntheticServer, write_url_list
+from pipelines.synthetic.shapes import PLANTED_KINDS, PlantedCounts, SyntheticConfig, build_dataset
+from pipelines.synthetic.web import SyntheticServer, write_url_list
 
 REPO = Path(__file__).resolve().parents[1]
 PLANTED = PlantedCounts(**{**{kind: 1 for kind in PLANTED_KINDS}, "http_404": 2, "truncated_jpeg": 2})

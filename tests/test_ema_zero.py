@@ -42,8 +42,8 @@ def _run_stage(rank: int, stage: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     from model.ema import EMAConfig
-    from pipelines.deepspeed_config import AdamWSettings, DeepSpeedSettings, build_deepspeed_config
-    from pipelines.ema_zero import ShardedEMA
+    from pipelines.train.deepspeed_config import AdamWSettings, DeepSpeedSettings, build_deepspeed_config
+    from pipelines.train.ema_zero import ShardedEMA
 
     model = _model()
     config = build_deepspeed_config(DeepSpeedSettings(zero_stage=stage, precision="fp32",

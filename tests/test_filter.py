@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from pipelines.config import ConfigError, from_dict, to_dict
-from pipelines.filter import (
+from pipelines.core.config import ConfigError, from_dict, to_dict
+from pipelines.core.runtime import finish
+from pipelines.data.filter import (
     REPORT_FILE,
     CaptionChecks,
     ClipScorer,
@@ -35,7 +36,6 @@ from pipelines.filter import (
     scan_shards,
     size_check,
 )
-from pipelines.runtime import finish
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,10 +11,19 @@ import pytest
 import torch
 
 from model.config import UNetConfig
-from pipelines import schema
-from pipelines.loader import (BATCH_CAPTIONS, BATCH_KEYS, BATCH_LATENTS, BATCH_TEXT_MASK, BATCH_TEXT_STATES,
-                              FeatureLoader, LoaderConfig, check_manifest_matches, load_empty_caption,
-                              read_manifest)
+from pipelines.data import schema
+from pipelines.data.loader import (
+    BATCH_CAPTIONS,
+    BATCH_KEYS,
+    BATCH_LATENTS,
+    BATCH_TEXT_MASK,
+    BATCH_TEXT_STATES,
+    FeatureLoader,
+    LoaderConfig,
+    check_manifest_matches,
+    load_empty_caption,
+    read_manifest,
+)
 
 SHAPES = schema.FeatureShapes(latent=(4, 8, 8), text=(6, 8))
 SCALE, SHIFT = 0.5, 0.25

@@ -1,4 +1,4 @@
-"""The private Ray head the demo runs on (pipelines/local_ray.py), checked through Ray itself: real `ray start`,
+"""The private Ray head the demo runs on (pipelines/core/local_ray.py), checked through Ray itself: real `ray start`,
 real drivers in subprocesses, a HOME that holds a token of the user's own."""
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipelines.local_ray import LocalRayHead, uses_path
+from pipelines.core.local_ray import LocalRayHead, uses_path
 
 pytestmark = pytest.mark.slow
 

@@ -10,13 +10,27 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from model.encoders import create_open_clip
-from pipelines.metrics import (
-    ATTRIBUTE_NAMES, SQUARE_MIN_CORNER_FILL, TRIANGLE_MAX_TOP_FRACTION, MetricResult, clip_score, clip_scores, fid,
-    load_clip, read_attributes, score_image, synthetic_accuracy,
+from pipelines.eval.metrics import MetricResult, clip_score, clip_scores, fid, load_clip
+from pipelines.synthetic.checker import (
+    ATTRIBUTE_NAMES,
+    SQUARE_MIN_CORNER_FILL,
+    TRIANGLE_MAX_TOP_FRACTION,
+    read_attributes,
+    score_image,
+    synthetic_accuracy,
 )
-from pipelines.synthetic import (
-    COLORS, POSITIONS, SHAPES, SIZES, Attributes, all_attributes, all_captions, caption_for, held_out_attributes,
-    render, training_attributes,
+from pipelines.synthetic.shapes import (
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Attributes,
+    all_attributes,
+    all_captions,
+    caption_for,
+    held_out_attributes,
+    render,
+    training_attributes,
 )
 
 IMAGE_SIZES = (32, 64, 128)

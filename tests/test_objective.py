@@ -1,4 +1,4 @@
-"""Unit tests for pipelines/objective.py (CPU, offline, micro U-Net)."""
+"""Unit tests for pipelines/train/objective.py (CPU, offline, micro U-Net)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 
 from model.schedule import offset_noise
 from model.unet import UNet
-from pipelines.loader import BATCH_LATENTS, BATCH_TEXT_MASK, BATCH_TEXT_STATES
-from pipelines.objective import (
+from pipelines.data.loader import BATCH_LATENTS, BATCH_TEXT_MASK, BATCH_TEXT_STATES
+from pipelines.train.objective import (
     ObjectiveConfig,
     apply_caption_dropout,
     diffusion_loss,

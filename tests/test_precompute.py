@@ -20,11 +20,25 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import schema
-from pipelines.config import from_dict
-from pipelines.precompute import (DECODE_ERROR, DROP_REASON, IMAGE, LAST, MISSING_IMAGE, NON_FINITE_LATENTS,
-                                  ORDINAL, EncoderActor, FeatureMismatchError, PrecomputeConfig, decode_image,
-                                  non_finite_reasons, read_and_decode, run_precompute, write_report)
+from pipelines.core.config import from_dict
+from pipelines.data import schema
+from pipelines.data.precompute import (
+    DECODE_ERROR,
+    DROP_REASON,
+    IMAGE,
+    LAST,
+    MISSING_IMAGE,
+    NON_FINITE_LATENTS,
+    ORDINAL,
+    EncoderActor,
+    FeatureMismatchError,
+    PrecomputeConfig,
+    decode_image,
+    non_finite_reasons,
+    read_and_decode,
+    run_precompute,
+    write_report,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "precompute_latents.py"
@@ -234,7 +248,7 @@ def test_non_finite_latents_are_dropped_not_fatal(tmp_path):
     from diffusers import AutoencoderKL
 
     from model.encoders import tiny_vae_config
-    from pipelines.config import to_dict
+    from pipelines.core.config import to_dict
 
     vae = AutoencoderKL.from_config(tiny_vae_config())
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """jobs/sample_eval.py end to end on a real local Ray with a real MLflow store, and its bad inputs.
 
-The model is a tiny export written with the same code the training job uses (pipelines/export.py), with
+The model is a tiny export written with the same code the training job uses (pipelines/inference/export.py), with
 untrained weights: this file tests the evaluation machinery; the demo's end-to-end test evaluates a
 trained model."""
 
@@ -12,12 +12,12 @@ from PIL import Image
 
 from model.config import PRESETS
 from model.unet import UNet
-from pipelines.export import INDEX_FILE, ExportInfo, write_export
-from pipelines.loader import read_manifest
-from pipelines.objective import ObjectiveConfig
-from pipelines.prompts import read_prompts
-from pipelines.sampling import EncoderSources
-from pipelines.synthetic_features import write_synthetic_features
+from pipelines.data.loader import read_manifest
+from pipelines.eval.prompts import read_prompts
+from pipelines.inference.draw import EncoderSources
+from pipelines.inference.export import INDEX_FILE, ExportInfo, write_export
+from pipelines.synthetic.features import write_synthetic_features
+from pipelines.train.objective import ObjectiveConfig
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""pipelines/storage.py: local paths and URIs (fsspec's in-memory filesystem and file://, no network)."""
+"""pipelines/core/storage.py: local paths and URIs (fsspec's in-memory filesystem and file://, no network)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from pipelines import storage
-from pipelines.runtime import StageReport
-from pipelines.schema import Manifest
+from pipelines.core import storage
+from pipelines.core.runtime import StageReport
+from pipelines.data.schema import Manifest
 
 
 @pytest.fixture

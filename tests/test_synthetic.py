@@ -14,12 +14,26 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.synthetic import (
-    COLORS, HELD_OUT_PAIRS, LONG_CAPTION_CHARS, PLANTED_KINDS, SHAPES, Attributes, PlantedCounts,
-    SyntheticConfig, all_attributes, all_captions, build_dataset, caption_for, held_out_attributes,
-    parse_caption, render, shape_box, training_attributes,
+from pipelines.synthetic.shapes import (
+    COLORS,
+    HELD_OUT_PAIRS,
+    LONG_CAPTION_CHARS,
+    PLANTED_KINDS,
+    SHAPES,
+    Attributes,
+    PlantedCounts,
+    SyntheticConfig,
+    all_attributes,
+    all_captions,
+    build_dataset,
+    caption_for,
+    held_out_attributes,
+    parse_caption,
+    render,
+    shape_box,
+    training_attributes,
 )
-from pipelines.synthetic_web import SyntheticServer, load_dataset, url_table, write_dataset
+from pipelines.synthetic.web import SyntheticServer, load_dataset, url_table, write_dataset
 
 WHITE = (255, 255, 255)
 

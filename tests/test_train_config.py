@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from model.config import PRESETS
-from pipelines.config import ConfigError, from_dict, load_config
-from pipelines.deepspeed_config import derive_batch_sizes
-from pipelines.tracking import MLflowSettings, Tracker
-from pipelines.train_config import TrainConfig, fingerprint, fingerprint_differences, validate_for_launch
+from pipelines.core.config import ConfigError, from_dict, load_config
+from pipelines.core.tracking import MLflowSettings, Tracker
+from pipelines.train.config import TrainConfig, fingerprint, fingerprint_differences, validate_for_launch
+from pipelines.train.deepspeed_config import derive_batch_sizes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAIN_CONFIGS = ["tiny-cpu.yaml", "sd2-base-256.yaml", "sd2-base-512.yaml", "sd15-finetune.yaml"]
@@ -118,10 +118,10 @@ def test_tracker_with_the_server_down_warns_once_and_goes_on(caplog):
 
 def test_export_round_trip_and_incomplete_directory(tmp_path):
     from model.unet import UNet
-    from pipelines.export import INDEX_FILE, ExportInfo, load_exported, write_export
-    from pipelines.loader import read_manifest
-    from pipelines.sampling import EncoderSources
-    from pipelines.synthetic_features import write_synthetic_features
+    from pipelines.data.loader import read_manifest
+    from pipelines.inference.draw import EncoderSources
+    from pipelines.inference.export import INDEX_FILE, ExportInfo, load_exported, write_export
+    from pipelines.synthetic.features import write_synthetic_features
 
     features = tmp_path / "features"
     manifest = write_synthetic_features(str(features), rows=4)

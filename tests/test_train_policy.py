@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pipelines.train_policy import (
+from pipelines.train.policy import (
     LRSchedule,
     NonFiniteGuard,
     NonFiniteLossError,

@@ -21,12 +21,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipelines import checkpoint
-from pipelines.config import ConfigError, apply_override, from_dict
-from pipelines.export import load_exported
-from pipelines.synthetic_features import write_synthetic_features
-from pipelines.train_config import TrainConfig
-from pipelines.training import run_training
+from pipelines.core.config import ConfigError, apply_override, from_dict
+from pipelines.inference.export import load_exported
+from pipelines.synthetic.features import write_synthetic_features
+from pipelines.train import checkpoint
+from pipelines.train.config import TrainConfig
+from pipelines.train.driver import run_training
 
 pytestmark = pytest.mark.slow
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"

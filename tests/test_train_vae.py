@@ -2,7 +2,7 @@
 the tiny AutoencoderKL: training lowers the loss, the export loads through model/encoders with the
 scaling factor recomputed here from its definition, MLflow holds the run, a rerun resumes.
 
-Input: 3 WebDataset shards of synthetic shapes (pipelines/synthetic.py), written as the filter stage
+Input: 3 WebDataset shards of synthetic shapes (pipelines/synthetic/shapes.py), written as the filter stage
 writes them (NNNNN.tar with .jpg/.txt/.json), at 32 px to keep the CPU steps short.
 """
 
@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.config import from_dict
-from pipelines.precompute import decode_image
-from pipelines.synthetic import caption_for, encode_image, render, training_attributes
-from pipelines.vae_training import REPORT_FILE, ImageStream, TrainVAEConfig, run
+from pipelines.core.config import from_dict
+from pipelines.data.precompute import decode_image
+from pipelines.synthetic.shapes import caption_for, encode_image, render, training_attributes
+from pipelines.vae.training import REPORT_FILE, ImageStream, TrainVAEConfig, run
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "train_vae.py"
@@ -116,7 +116,7 @@ def test_export_loads_with_the_measured_scaling_factor(trained):
     from diffusers import AutoencoderKL
 
     from model.encoders import build_vae
-    from pipelines.storage import read_json
+    from pipelines.core.storage import read_json
 
     cfg, _ = trained
     report = read_json(Path(cfg.output_dir) / REPORT_FILE)
@@ -164,7 +164,7 @@ def test_color_anchor_ties_the_first_latent_channels_to_patch_rgb(trained):
 def test_rerun_with_the_same_name_resumes(trained):
     """More steps under the same run_name continue from the last checkpoint (step 24), in the same
     MLflow run, and the export is replaced."""
-    from pipelines.storage import read_json
+    from pipelines.core.storage import read_json
 
     cfg, tmp = trained
     more = make_config(Path(cfg.input_dir), tmp, {"train": {"steps": STEPS + 4}})

@@ -1,0 +1,85 @@
+"""What every stage shares at run time: starting Ray and writing reports (files: pipelines/core/storage.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.core import storage
+
+log = logging.getLogger("latentforge")
+
+# The repository (or installed tree) root: model/, pipelines/, jobs/, infra/ below it.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS (set by `ray job submit`) or start an embedded local Ray.
+
+    num_cpus only applies to the embedded one. Worker threads are pinned to one OpenMP thread per
+    task in the embedded case: several torch processes on a small machine otherwise oversubscribe.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        log.info("joined Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        return
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    log.info("started an embedded local Ray (RAY_ADDRESS is unset): %s", ray.cluster_resources())
+
+
+@dataclass
+class StageReport:
+    """Counts in / out / dropped per reason; written as JSON next to the stage's output."""
+
+    stage: str
+    rows_in: int = 0
+    rows_out: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    ok: bool = True
+    error: str | None = None
+    started_at: float = field(default_factory=time.time)
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + count
+
+    def fail(self, message: str) -> None:
+        self.ok, self.error = False, message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage, "ok": self.ok, "error": self.error,
+            "rows_in": self.rows_in, "rows_out": self.rows_out,
+            "dropped": dict(sorted(self.dropped.items())), "dropped_total": sum(self.dropped.values()),
+            "seconds": round(time.time() - self.started_at, 3), **self.details,
+        }
+
+    def write(self, location: str | os.PathLike) -> None:
+        """Committed atomically, to a local path or a URI (see storage)."""
+        storage.write_json(location, self.to_dict())
+
+
+def finish(report: StageReport, path: str | os.PathLike) -> int:
+    """Write the report, log a one-line summary, and return the job's exit status."""
+    report.write(path)
+    summary = f"{report.stage}: {report.rows_in} in, {report.rows_out} out, dropped {report.dropped or 0}"
+    if report.ok:
+        log.info("%s; report: %s", summary, path)
+        return 0
+    log.error("%s; FAILED: %s; report: %s", summary, report.error, path)
+    return 1

@@ -1,0 +1,1 @@
+"""Batch sampling evaluation: the driver, prompts, outputs and metrics (CLIP score, FID)."""

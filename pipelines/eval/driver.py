@@ -1,0 +1,236 @@
+"""Batch sampling evaluation: prompts -> images on a Ray Data actor pool -> scores, grids, metrics, MLflow.
+
+    report = run_evaluation(EvalConfig(model="runs/tiny-cpu/export", prompts="prompts.txt", out="eval"))
+
+OUT_DIR receives images/NNNNN.png, results.jsonl (one object per image: prompt, seed, guidance, sampler,
+steps, image, and its scores), grids/guidance_<g>.png and metrics.json; the same metrics go to an MLflow
+child run of the training run (or a new run when the model carries no run id).
+
+Each image is a function of (model, prompt, seed, guidance, sampler, steps): sampling starts from
+initial_noise(seed), so a rerun with the same batch size gives the same pixels; another batch size
+changes only float rounding in batched kernels (a level or two of some pixels).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.samplers import SAMPLER_NAMES, TIMESTEP_SPACINGS, SamplerConfig
+from pipelines.core import storage
+from pipelines.core.config import from_dict, to_dict
+from pipelines.core.tracking import MLflowSettings, Tracker
+from pipelines.eval.outputs import GRIDS_DIR, RESULTS_FILE, write_outputs
+from pipelines.eval.prompts import PromptRow, read_prompts
+from pipelines.inference.export import load_index
+
+log = logging.getLogger("latentforge.eval")
+
+METRICS_FILE = "metrics.json"
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    sampler: str = "dpmpp_2m"
+    steps: int = 25
+    guidance_scales: tuple[float, ...] = (4.0,)  # more than one value sweeps them (one image per value)
+    timestep_spacing: str = "trailing"
+    images_per_prompt: int = 1  # seeds seed, seed+1, ... for each prompt
+
+    def sampler_config(self, guidance: float) -> SamplerConfig:
+        return SamplerConfig(name=self.sampler, steps=self.steps, guidance_scale=guidance,
+                             timestep_spacing=self.timestep_spacing)
+
+
+@dataclass(frozen=True)
+class EvalCompute:
+    actors: int = 1  # one model load each
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 1.0
+    batch_size: int = 16  # images per sampler call
+
+
+@dataclass(frozen=True)
+class MetricSettings:
+    clip_model: str = "ViT-H-14"  # open_clip model name of clip_weights
+    clip_weights: str | None = None  # local open_clip checkpoint: enables the CLIP score
+    fid_reference: str | None = None  # a folder of real images (png/jpg): enables FID ...
+    fid_weights: str | None = None  # ... with these Inception weights (local file)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str = ""  # exported model directory, or an MLflow URI (runs:/<id>/model, models:/<name>/<version>)
+    prompts: str = ""  # .txt (one prompt a line) or .parquet / .jsonl with `prompt` and optional `seed`
+    out: str = ""
+    seed: int = 0  # seed of prompts that carry none: seed + their row number
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    compute: EvalCompute = field(default_factory=EvalCompute)
+    metrics: MetricSettings = field(default_factory=MetricSettings)
+    grid_images: int = 36  # at most this many images per guidance grid
+    mlflow: MLflowSettings = field(default_factory=MLflowSettings)
+    run_name: str | None = None  # MLflow run name (default: eval-<model run name or dir name>)
+
+    def validate(self) -> None:
+        """Checks that need no cluster; raises ValueError naming the key."""
+        for key in ("model", "prompts", "out"):
+            if not getattr(self, key):
+                raise ValueError(f"{key} must be set (--{key} ...)")
+        s = self.sampling
+        if s.sampler not in SAMPLER_NAMES:
+            raise ValueError(f"sampling.sampler: unknown sampler {s.sampler!r}; choose one of {list(SAMPLER_NAMES)}")
+        if s.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"sampling.timestep_spacing must be one of {TIMESTEP_SPACINGS}")
+        if not s.guidance_scales:
+            raise ValueError("sampling.guidance_scales must list at least one value")
+        for g in s.guidance_scales:
+            s.sampler_config(g)  # validates steps and each guidance value
+        if s.images_per_prompt < 1 or self.compute.actors < 1 or self.compute.batch_size < 1:
+            raise ValueError("sampling.images_per_prompt, compute.actors and compute.batch_size must be >= 1")
+        for key in ("clip_weights", "fid_weights"):
+            path = getattr(self.metrics, key)
+            if path and not Path(path).is_file():
+                raise ValueError(f"metrics.{key}: file {path} not found")
+        if self.metrics.fid_reference and not Path(self.metrics.fid_reference).is_dir():
+            raise ValueError(f"metrics.fid_reference: folder {self.metrics.fid_reference} not found")
+
+
+def check_inputs(cfg: EvalConfig) -> None:
+    """Before any cluster work: the prompt file reads and is not empty; a local model directory is complete
+    (an MLflow URI is checked once downloaded)."""
+    read_prompts(cfg.prompts, cfg.seed)
+    if not cfg.model.startswith(("runs:/", "models:/")):
+        load_index(cfg.model)
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+def resolve_model(model: str, into: Path, tracking_uri: str | None) -> Path:
+    """A local exported-model directory for `model` (a path, or an MLflow runs:/ or models:/ URI)."""
+    from pipelines.inference.export import INDEX_FILE
+
+    if not model.startswith(("runs:/", "models:/")):
+        return Path(model)
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(into),
+                                                     tracking_uri=tracking_uri))
+    found = sorted(local.rglob(INDEX_FILE))
+    if not found:
+        raise FileNotFoundError(f"{model} holds no exported model ({INDEX_FILE} not found in its artifacts)")
+    return found[0].parent
+
+
+class SamplerActor:
+    """Ray Data callable class: one model load per actor; rows (prompt, seed, guidance) -> PNG bytes."""
+
+    def __init__(self, model_dir: str, sampling: dict[str, Any], use_gpu: bool) -> None:
+        import torch
+
+        from pipelines.inference.export import load_exported
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = load_exported(model_dir, device=self.device)
+        self.vae, self.text = self.model.encoders.build(device=self.device)
+        self.sampling = from_dict(SamplingSettings, sampling)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipelines.inference.draw import decode_images, draw_latents, encode_prompts, png_bytes
+
+        m, pngs = self.model, np.empty(len(batch["prompt"]), dtype=object)
+        for guidance in np.unique(batch["guidance"]):  # one sampler call per guidance value in the batch
+            rows = np.flatnonzero(batch["guidance"] == guidance)
+            states, masks = encode_prompts(self.text, [str(p) for p in batch["prompt"][rows]])
+            latents = draw_latents(m.unet, m.schedule, states, masks, m.empty_caption,
+                                   [int(s) for s in batch["seed"][rows]], m.latent_shape,
+                                   self.sampling.sampler_config(float(guidance)), device=self.device)
+            images = decode_images(self.vae, latents, m.scaling_factor, m.shift_factor)  # (n, H, W, 3)
+            for row, image in zip(rows, images):
+                pngs[row] = png_bytes(image)
+        return {**batch, "png": pngs}
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+def expand_rows(prompts: list[PromptRow], cfg: EvalConfig) -> list[dict[str, Any]]:
+    """One row per image: every prompt x images_per_prompt seeds x guidance scale, numbered in that order."""
+    rows = []
+    for p in prompts:
+        for k in range(cfg.sampling.images_per_prompt):
+            for guidance in cfg.sampling.guidance_scales:
+                rows.append({"index": len(rows), "prompt": p.prompt, "seed": p.seed + k, "guidance": float(guidance)})
+    return rows
+
+
+def sample_all(cfg: EvalConfig, model_dir: Path, rows: list[dict[str, Any]]) -> dict[int, bytes]:
+    """Draw every row on the actor pool; returns {index: PNG bytes}."""
+    import ray
+
+    c = cfg.compute
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // c.batch_size, 4 * c.actors)))
+    ds = ds.map_batches(SamplerActor, batch_size=c.batch_size, batch_format="numpy",
+                        fn_constructor_kwargs={"model_dir": str(model_dir.resolve()),
+                                               "sampling": to_dict(cfg.sampling), "use_gpu": c.num_gpus_per_actor > 0},
+                        compute=ray.data.ActorPoolStrategy(size=c.actors),
+                        num_cpus=c.num_cpus_per_actor, num_gpus=c.num_gpus_per_actor)
+    out: dict[int, bytes] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for index, png in zip(batch["index"], batch["png"]):
+            out[int(index)] = bytes(png)
+    return out
+
+
+def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
+    """The whole job after validation; returns the metrics dict (also written to OUT_DIR/metrics.json)."""
+    started = time.time()
+    settings = cfg.mlflow.resolved()
+    prompts = read_prompts(cfg.prompts, cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="eval-model-") as tmp:
+        model_dir = resolve_model(cfg.model, Path(tmp), settings.tracking_uri)
+        index = load_index(model_dir)  # a missing or half-written model fails here, before any sampling
+        rows = expand_rows(prompts, cfg)
+        log.info("sampling %d images (%d prompts x %d seeds x %d guidance scales) with %s, %d steps",
+                 len(rows), len(prompts), cfg.sampling.images_per_prompt, len(cfg.sampling.guidance_scales),
+                 cfg.sampling.sampler, cfg.sampling.steps)
+        t0 = time.time()
+        pngs = sample_all(cfg, model_dir, rows)
+        sampling_seconds = time.time() - t0
+    metrics = write_outputs(cfg, rows, pngs, index)
+    metrics["timing"] = {"sampling_seconds": round(sampling_seconds, 2),
+                         "images_per_second": round(len(rows) / max(sampling_seconds, 1e-9), 3),
+                         "total_seconds": round(time.time() - started, 2)}
+    storage.write_json(storage.join(cfg.out, METRICS_FILE), metrics)
+    log_to_mlflow(cfg, settings, index, metrics)
+    return metrics
+
+
+def log_to_mlflow(cfg: EvalConfig, settings: MLflowSettings, index: dict[str, Any], metrics: dict[str, Any]) -> None:
+    parent = index.get("mlflow_run_id")
+    name = cfg.run_name or f"eval-{index.get('run_name') or Path(cfg.model).name}"
+    tracker = Tracker.open_child(settings, name, parent_run_id=parent)
+    tracker.log_params({"model": cfg.model, "prompts": cfg.prompts, **{f"sampling.{k}": v
+                        for k, v in to_dict(cfg.sampling).items()}})
+    tracker.log_metrics(flat_numbers(metrics), step=int(index.get("step", 0)))
+    for name in (METRICS_FILE, RESULTS_FILE):
+        tracker.log_artifact(storage.join(cfg.out, name))
+    tracker.log_artifacts(storage.join(cfg.out, GRIDS_DIR), GRIDS_DIR)
+    tracker.finish("FINISHED")
+
+
+def flat_numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Every int/float leaf of a nested dict as 'a.b.c' -> float (MLflow metrics)."""
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flat_numbers(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            out[f"{prefix}{key}"] = float(value)
+    return out

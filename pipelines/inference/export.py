@@ -1,0 +1,166 @@
+"""The exported model directory: everything needed to draw images, and nothing from the training run.
+
+    <model_dir>/
+      model_index.json           format version, weights kind (ema | live), step, latent shape,
+                                 VAE scaling/shift factors, schedule config, encoder sources, train config
+      unet/config.json           UNet.save_pretrained
+      unet/model.safetensors
+      empty_caption.safetensors  the empty caption's features (the unconditional branch of CFG)
+      vae/                       a copy of the VAE directory when the features used a local one
+
+Written into a temporary sibling and renamed (on local disks) or uploaded file by file with
+model_index.json LAST (object stores): a directory without model_index.json is not a model.
+`load_exported` refuses such a directory with a message that says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.config import UNetConfig
+from model.schedule import NoiseSchedule, ScheduleConfig
+from model.unet import CONFIG_FILE as UNET_CONFIG_FILE
+from model.unet import WEIGHTS_FILE as UNET_WEIGHTS_FILE
+from model.unet import UNet
+from pipelines.core import storage
+from pipelines.data.schema import Manifest
+from pipelines.inference.draw import EncoderSources
+
+INDEX_FILE = "model_index.json"
+UNET_DIR = "unet"
+VAE_DIR = "vae"
+EMPTY_CAPTION_FILE = "empty_caption.safetensors"
+FORMAT = "latentforge-t2i"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    weights: str  # "ema" or "live"
+    step: int
+    schedule: ScheduleConfig
+    encoders: EncoderSources
+    latent_shape: tuple[int, int, int]
+    image_size: int
+    scaling_factor: float
+    shift_factor: float
+    train_config: dict[str, Any]
+    run_name: str | None = None  # the training run, for evaluation runs to attach to
+    mlflow_run_id: str | None = None
+
+
+def write_export(out_dir: str, unet_cfg: UNetConfig, weights: dict[str, torch.Tensor], info: ExportInfo,
+                 features_dir: str, manifest: Manifest) -> None:
+    """Write the model directory at out_dir (local path or URI), replacing an older export atomically."""
+    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+        local = Path(tmp) / "model"
+        unet = UNet(unet_cfg)
+        unet.load_state_dict(weights)
+        unet.save_pretrained(local / UNET_DIR)
+        storage.write_bytes(str(local / EMPTY_CAPTION_FILE),
+                            storage.read_bytes(storage.join(features_dir, manifest.empty_caption_file)))
+        encoders = info.encoders
+        if encoders.vae_source != "tiny":
+            shutil.copytree(encoders.vae_source, local / VAE_DIR)
+            encoders = dataclasses.replace(encoders, vae_source=VAE_DIR)  # relative to the model dir
+        index = {"format": FORMAT, "format_version": FORMAT_VERSION, "weights": info.weights, "step": info.step,
+                 "schedule": dataclasses.asdict(info.schedule), "encoders": encoders.to_dict(),
+                 "latent_shape": list(info.latent_shape), "image_size": info.image_size,
+                 "scaling_factor": info.scaling_factor, "shift_factor": info.shift_factor,
+                 "train_config": info.train_config, "run_name": info.run_name,
+                 "mlflow_run_id": info.mlflow_run_id}
+        (local / INDEX_FILE).write_text(json.dumps(index, indent=1))
+        _publish(local, out_dir)
+
+
+def _publish(local: Path, out_dir: str) -> None:
+    if not storage.is_uri(out_dir):
+        target = Path(out_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".{target.name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(local, staging)
+        old = target.parent / f".{target.name}.old"
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    storage.remove(storage.join(out_dir, INDEX_FILE))  # the old export stops being a model first
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != INDEX_FILE)
+    for path in [*files, local / INDEX_FILE]:
+        storage.write_bytes(storage.join(out_dir, path.relative_to(local).as_posix()), path.read_bytes())
+
+
+@dataclass
+class ExportedModel:
+    """A loaded model directory: the U-Net, the schedule, the empty caption, and how to build the encoders."""
+
+    directory: str
+    unet: UNet
+    schedule: NoiseSchedule
+    encoders: EncoderSources
+    empty_caption: tuple[torch.Tensor, torch.Tensor]  # (L, D) float32, (L,) bool
+    index: dict[str, Any]
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.index["latent_shape"])
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.index["scaling_factor"])
+
+    @property
+    def shift_factor(self) -> float:
+        return float(self.index["shift_factor"])
+
+
+def load_index(model_dir: str | Path) -> dict[str, Any]:
+    """model_index.json of an exported model, after checking the directory is complete."""
+    root = Path(model_dir)
+    index_path = root / INDEX_FILE
+    if not root.is_dir():
+        raise FileNotFoundError(f"model directory {root} not found")
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{root} is not an exported model: {INDEX_FILE} is missing (it is written last, "
+                                "so the export is missing or was interrupted; rerun jobs/train_unet.py to export)")
+    index = json.loads(index_path.read_text())
+    if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{index_path}: format {index.get('format')!r} v{index.get('format_version')} is not "
+                         f"{FORMAT!r} v{FORMAT_VERSION}")
+    for name in (f"{UNET_DIR}/{UNET_CONFIG_FILE}", f"{UNET_DIR}/{UNET_WEIGHTS_FILE}", EMPTY_CAPTION_FILE):
+        if not (root / name).is_file():
+            raise FileNotFoundError(f"{root} is incomplete: {name} is missing (re-export the model)")
+    return index
+
+
+def load_exported(model_dir: str | Path, device: str | torch.device = "cpu") -> ExportedModel:
+    """Load a directory written by write_export; a missing or half-written one is a clear error."""
+    root = Path(model_dir)
+    index = load_index(root)
+    unet = UNet.from_pretrained(root / UNET_DIR, device=device).eval()
+    encoders = EncoderSources.from_dict(index["encoders"])
+    if encoders.vae_source == VAE_DIR:
+        encoders = dataclasses.replace(encoders, vae_source=str(root / VAE_DIR))
+    empty = _empty_caption(root)
+    schedule = NoiseSchedule(ScheduleConfig(**index["schedule"]))
+    return ExportedModel(str(root), unet, schedule, encoders, empty, index)
+
+
+def _empty_caption(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from pipelines.data.schema import EMPTY_CAPTION_MASK, EMPTY_CAPTION_STATES
+
+    tensors = load_file(root / EMPTY_CAPTION_FILE)
+    return tensors[EMPTY_CAPTION_STATES].float(), tensors[EMPTY_CAPTION_MASK].bool()

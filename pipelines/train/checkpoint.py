@@ -1,0 +1,183 @@
+"""Training checkpoints: DeepSpeed state + per-rank trainer state, complete or refused.
+
+Layout of one checkpoint directory (each rank writes its part into its own temporary directory and
+reports it to Ray Train, which merges the ranks' files into one folder on the run's storage):
+
+    meta.json                          rank 0: step, world size, config + fingerprint, MLflow run id
+    deepspeed/<tag>/...                DeepSpeed's files (model states from rank 0, one ZeRO shard per rank)
+    rank_00000/trainer_state.pt        EMA (rank 0; every rank under ZeRO-3: its shard), loader position,
+                                       non-finite guard, RNG states, step
+    rank_00000/complete.json           written LAST by each rank: every file that rank wrote, with its size
+
+A checkpoint is usable only when meta.json and every rank's complete.json exist and every listed file
+is there with its size. Anything else (a partial upload, a truncated file, a rank missing) is a
+CheckpointError that says what is missing: never a silent fresh start. DeepSpeed's own load returns
+(None, None) quietly when its files are missing, so that is checked too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.core import storage
+from pipelines.train.config import fingerprint_differences
+
+META_FILE = "meta.json"
+DEEPSPEED_DIR = "deepspeed"
+TRAINER_STATE_FILE = "trainer_state.pt"
+COMPLETE_FILE = "complete.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def rank_dir(rank: int) -> str:
+    return f"rank_{rank:05d}"
+
+
+def deepspeed_tag(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+# ---------------------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG a training step might touch (the step's own draws use a per-step generator)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------- saving
+
+
+def save(local_dir: str | os.PathLike, engine: Any, rank: int, step: int, trainer_state: dict[str, Any],
+         meta: dict[str, Any] | None) -> None:
+    """Write this rank's part of the checkpoint of `step` into local_dir (collective: every rank calls it).
+
+    meta: rank 0 passes the run's metadata (config, fingerprint, world size); other ranks pass None.
+    """
+    root = Path(local_dir)
+    engine.save_checkpoint(str(root / DEEPSPEED_DIR), tag=deepspeed_tag(step), save_latest=False)
+    own = root / rank_dir(rank)
+    own.mkdir(parents=True, exist_ok=True)
+    torch.save({**trainer_state, "step": step}, own / TRAINER_STATE_FILE)
+    if meta is not None:
+        (root / META_FILE).write_text(json.dumps({**meta, "step": step, "tag": deepspeed_tag(step)}, indent=1))
+    files = {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+    (own / COMPLETE_FILE).write_text(json.dumps({"step": step, "files": files}, indent=1))
+
+
+# ---------------------------------------------------------------------------------------- checking
+
+
+def read_meta(checkpoint_dir: str) -> dict[str, Any]:
+    path = storage.join(checkpoint_dir, META_FILE)
+    if not storage.is_file(path):
+        raise CheckpointError(f"checkpoint {checkpoint_dir} is incomplete: {META_FILE} is missing (a partial "
+                              "copy or an interrupted save); delete the folder to fall back to the previous "
+                              "checkpoint, or point checkpoint.resume_from at a complete one")
+    return storage.read_json(path)
+
+
+def verify(checkpoint_dir: str, world_size: int, current_fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Check that a checkpoint is complete and belongs to this config; returns its meta."""
+    meta = read_meta(checkpoint_dir)
+    if meta.get("world_size") != world_size:
+        raise CheckpointError(f"checkpoint {checkpoint_dir} was written by {meta.get('world_size')} workers, this "
+                              f"run has {world_size}: ZeRO partitions, EMA shards and the data order depend on it "
+                              "(set scaling.num_workers back, or start a new run_name)")
+    changed = fingerprint_differences(meta.get("fingerprint", {}), current_fingerprint)
+    if changed:
+        raise CheckpointError(f"checkpoint {checkpoint_dir} comes from another config; resuming would not continue "
+                              "the same run. Differences:\n  " + "\n  ".join(changed) +
+                              "\nUse the original config, or a new run_name to start a new run")
+    for rank in range(world_size):
+        _verify_rank(checkpoint_dir, rank, meta["step"])
+    return meta
+
+
+def _verify_rank(checkpoint_dir: str, rank: int, step: int) -> None:
+    listing_path = storage.join(checkpoint_dir, rank_dir(rank), COMPLETE_FILE)
+    if not storage.is_file(listing_path):
+        raise CheckpointError(f"checkpoint {checkpoint_dir} is incomplete: rank {rank} never finished writing "
+                              f"({rank_dir(rank)}/{COMPLETE_FILE} is missing)")
+    listing = storage.read_json(listing_path)
+    if listing.get("step") != step:
+        raise CheckpointError(f"checkpoint {checkpoint_dir}: rank {rank} wrote step {listing.get('step')}, "
+                              f"{META_FILE} says {step}")
+    present = {name: info.size for name, info in _walk(checkpoint_dir).items()}
+    problems = [f"{name} missing" if name not in present else f"{name} has {present[name]} bytes, expected {size}"
+                for name, size in listing["files"].items() if present.get(name) != size]
+    if problems:
+        raise CheckpointError(f"checkpoint {checkpoint_dir} is damaged (rank {rank}'s files): "
+                              + "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else ""))
+
+
+def _walk(root: str) -> dict[str, Any]:
+    import pyarrow.fs as pafs
+
+    fs, base = storage.resolve(root)
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    return {info.path[len(base):].lstrip("/"): info for info in infos if info.type == pafs.FileType.File}
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def load(checkpoint_dir: str, engine: Any, rank: int) -> dict[str, Any]:
+    """Load DeepSpeed state into the engine and return this rank's trainer state (call verify first).
+
+    The EMA of ZeRO stages 0-2 is whole and saved once, by rank 0: other ranks read rank 0's copy.
+    """
+    meta = read_meta(checkpoint_dir)
+    path, _ = engine.load_checkpoint(storage.join(checkpoint_dir, DEEPSPEED_DIR), tag=meta["tag"],
+                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed found no state under {checkpoint_dir}/{DEEPSPEED_DIR}/{meta['tag']}")
+    state = _torch_load(storage.join(checkpoint_dir, rank_dir(rank), TRAINER_STATE_FILE))
+    if state.get("ema") is None and rank != 0:
+        state["ema"] = _torch_load(storage.join(checkpoint_dir, rank_dir(0), TRAINER_STATE_FILE)).get("ema")
+    return state
+
+
+def _torch_load(location: str) -> dict[str, Any]:
+    import io
+
+    # weights_only=False: the state holds numpy/python RNG tuples; the file is our own checkpoint.
+    return torch.load(io.BytesIO(storage.read_bytes(location)), map_location="cpu", weights_only=False)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint Ray Train will hand back on resume (its latest registered one), or None."""
+    from ray.train import Result
+
+    if not storage.is_file(storage.join(run_dir, "checkpoint_manager_snapshot.json")):
+        return None
+    checkpoint = Result.from_path(run_dir).checkpoint
+    return None if checkpoint is None else _uri_of(checkpoint)
+
+
+def _uri_of(checkpoint: Any) -> str:
+    fs = checkpoint.filesystem
+    if fs is None or fs.type_name == "local":
+        return checkpoint.path
+    return f"{fs.type_name}://{checkpoint.path}"

@@ -1,0 +1,224 @@
+"""The typed config of jobs/train_unet.py and its driver-side validation.
+
+    cfg, _ = parse_job_args(TrainConfig, "Train the U-Net", argv)
+    plan = validate_for_launch(cfg)          # before any cluster work: every check names its key
+
+Batch sizes are derived ONCE (pipelines/deepspeed_config.derive_batch_sizes) from
+`batch.global_batch`, `batch.micro_batch` and `scaling.num_workers`; nothing else stores them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model.config import PRESETS, UNetConfig
+from model.ema import EMAConfig
+from model.samplers import SamplerConfig
+from pipelines.core import storage
+from pipelines.core.config import ConfigError, to_dict
+from pipelines.core.ray_train import ScalingSettings
+from pipelines.core.tracking import MLflowSettings
+from pipelines.data.loader import check_manifest_matches, read_manifest
+from pipelines.data.schema import Manifest
+from pipelines.train.deepspeed_config import DeepSpeedSettings, derive_batch_sizes
+from pipelines.train.objective import ObjectiveConfig
+from pipelines.train.policy import LR_KINDS, LRSchedule, NonFinitePolicy
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    preset: str = "tiny"  # a name in model/config.PRESETS
+    overrides: dict[str, Any] = field(default_factory=dict)  # UNetConfig fields replacing the preset's
+    # A UNet.save_pretrained directory to start from (converted SD 1.5 weights, or the previous phase's
+    # <run>/export/unet); its config.json replaces the preset, the overrides still apply (e.g. sample_size).
+    init_from: str | None = None
+    gradient_checkpointing: bool = False
+
+    def unet_config(self) -> UNetConfig:
+        """The preset (or init_from's saved config) with the overrides applied."""
+        if self.init_from:
+            path = Path(self.init_from) / "config.json"
+            if not path.is_file():
+                raise ConfigError(f"model.init_from: {path} not found (expected a UNet.save_pretrained "
+                                  "directory or the output of `python -m model.convert from-diffusers`)")
+            base = UNetConfig.from_dict(json.loads(path.read_text()))
+        elif self.preset in PRESETS:
+            base = PRESETS[self.preset]
+        else:
+            raise ConfigError(f"model.preset: {self.preset!r} is not one of {sorted(PRESETS)}")
+        try:
+            return dataclasses.replace(base, **_tuples(self.overrides))
+        except TypeError as err:
+            raise ConfigError(f"model.overrides: {err}; valid keys: "
+                              f"{[f.name for f in dataclasses.fields(UNetConfig)]}") from None
+
+
+def _tuples(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    global_batch: int = 32  # images per optimizer step, over all workers and accumulation steps
+    micro_batch: int = 16  # images per worker per forward/backward
+
+
+@dataclass(frozen=True)
+class LRSettings:
+    warmup_steps: int = 0
+    kind: str = "constant"  # one of train_policy.LR_KINDS
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of deepspeed.adamw.lr
+
+
+@dataclass(frozen=True)
+class EMASettings:
+    enabled: bool = True
+    max_decay: float = 0.9999
+    start_step: int = 0
+    warmup: bool = True
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    every_steps: int = 500
+    keep: int = 3  # the last K checkpoints stay on storage
+    # Start from this checkpoint directory instead of the run's own latest (e.g. a copy of another run).
+    resume_from: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplePreviewSettings:
+    """A grid of samples from the EMA weights, logged to MLflow every `every_steps` (0: only at the end)."""
+
+    every_steps: int = 500
+    prompts: tuple[str, ...] = ("a large red circle in the top left", "a small blue square in the center")
+    seeds: tuple[int, ...] = (0, 1)
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=20, guidance_scale=4.0))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    features_dir: str = "data/features"
+    run_name: str = "unet"
+    storage_path: str = "runs"  # checkpoints and the exported model go to <storage_path>/<run_name>
+    max_steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    model: ModelSettings = field(default_factory=ModelSettings)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    batch: BatchSettings = field(default_factory=BatchSettings)
+    lr: LRSettings = field(default_factory=LRSettings)
+    ema: EMASettings = field(default_factory=EMASettings)
+    nonfinite: NonFinitePolicy = field(default_factory=NonFinitePolicy)
+    window_shards: int = 8  # loader shuffle window (pipelines/loader.LoaderConfig)
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    max_failures: int = 1  # worker failures recovered from the last checkpoint (Ray Train FailureConfig)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    samples: SamplePreviewSettings = field(default_factory=SamplePreviewSettings)
+    mlflow: MLflowSettings = field(default_factory=MLflowSettings)
+
+    def run_dir(self) -> str:
+        return storage.join(self.storage_path, self.run_name)
+
+    def lr_schedule(self) -> LRSchedule:
+        return LRSchedule(base_lr=self.deepspeed.adamw.lr, warmup_steps=self.lr.warmup_steps,
+                          total_steps=self.max_steps, kind=self.lr.kind, min_lr_ratio=self.lr.min_lr_ratio)
+
+    def ema_config(self) -> EMAConfig:
+        return EMAConfig(max_decay=self.ema.max_decay, start_step=self.ema.start_step, warmup=self.ema.warmup)
+
+
+# What may change between a run and its resume without changing the trajectory of the weights.
+# Everything else is part of the fingerprint a checkpoint is checked against.
+RESUMABLE_CHANGES = ("run_name", "max_steps", "log_every", "storage_path", "max_failures", "checkpoint", "samples",
+                     "mlflow", "scaling.cpus_per_worker")
+
+
+def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
+    """The config minus RESUMABLE_CHANGES, with the U-Net config resolved: what a checkpoint must match.
+
+    max_steps is excluded so a finished run can be extended; the cosine schedule then stretches from
+    the resumed step on (stated in the README), which is the usual way to continue training.
+    """
+    values = to_dict(cfg)
+    for dotted in RESUMABLE_CHANGES:
+        node, *rest = dotted.split(".")
+        if rest:
+            values[node].pop(rest[0], None)
+        else:
+            values.pop(node, None)
+    values["model"] = {"unet": to_dict(cfg.model.unet_config()), "init_from": cfg.model.init_from,
+                       "gradient_checkpointing": cfg.model.gradient_checkpointing}
+    return values
+
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, as 'key: saved X, now Y' lines."""
+    lines = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += fingerprint_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: saved {a!r}, now {b!r}")
+    return lines
+
+
+def fingerprint_hash(values: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What the driver resolved and checked; travels to the workers with the config."""
+
+    unet: UNetConfig
+    manifest: Manifest
+    micro_batch: int
+    grad_accum_steps: int
+    storage_path: str  # absolute (Ray Train refuses a relative one)
+    features_dir: str  # absolute or a URI
+
+
+def validate_for_launch(cfg: TrainConfig) -> LaunchPlan:
+    """Every check that can fail before training starts; raises ConfigError naming the key."""
+    for key, value, minimum in (("max_steps", cfg.max_steps, 1), ("log_every", cfg.log_every, 1),
+                                ("scaling.num_workers", cfg.scaling.num_workers, 1),
+                                ("checkpoint.every_steps", cfg.checkpoint.every_steps, 1),
+                                ("checkpoint.keep", cfg.checkpoint.keep, 1), ("max_failures", cfg.max_failures, -1),
+                                ("samples.every_steps", cfg.samples.every_steps, 0)):
+        if value < minimum:
+            raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+    if not cfg.run_name or "/" in cfg.run_name:
+        raise ConfigError(f"run_name must be a non-empty name without '/', got {cfg.run_name!r}")
+    if cfg.lr.kind not in LR_KINDS:
+        raise ConfigError(f"lr.kind must be one of {LR_KINDS}, got {cfg.lr.kind!r}")
+    if len(cfg.samples.seeds) == 0 or len(cfg.samples.prompts) == 0:
+        raise ConfigError("samples.prompts and samples.seeds must each list at least one value")
+    try:
+        cfg.lr_schedule()
+        cfg.ema_config()
+        micro, accum = derive_batch_sizes(cfg.batch.global_batch, cfg.scaling.num_workers, cfg.batch.micro_batch)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    unet = cfg.model.unet_config()
+    features_dir = storage.absolute(cfg.features_dir)
+    try:
+        manifest = read_manifest(features_dir)
+        check_manifest_matches(manifest, unet)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"features_dir: {err}") from None
+    rows_per_rank = manifest.total_rows // cfg.scaling.num_workers
+    if rows_per_rank < micro:
+        raise ConfigError(f"features_dir holds {manifest.total_rows} rows: {rows_per_rank} per worker, fewer than "
+                          f"one micro batch of {micro} (lower batch.micro_batch or scaling.num_workers)")
+    if cfg.checkpoint.resume_from and not storage.is_dir(cfg.checkpoint.resume_from):
+        raise ConfigError(f"checkpoint.resume_from: {cfg.checkpoint.resume_from} does not exist")
+    return LaunchPlan(unet=unet, manifest=manifest, micro_batch=micro, grad_accum_steps=accum,
+                      storage_path=storage.absolute(cfg.storage_path), features_dir=features_dir)

@@ -1,0 +1,138 @@
+"""The driver of jobs/train_unet.py: validate, open the MLflow run, launch Ray Train, publish the model.
+
+    result = run_training(cfg)    # -> TrainResult; raises ConfigError / CheckpointError before training
+
+Everything that can be checked without a GPU is checked here, before a worker starts: the config
+(pipelines/train_config.validate_for_launch) and, when the run already has a checkpoint (a resume by
+run name) or checkpoint.resume_from is set, that checkpoint (complete, same config, same world size).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipelines.core import storage
+from pipelines.core.config import flatten, to_dict
+from pipelines.core.ray_train import build_torch_trainer
+from pipelines.core.runtime import REPO_ROOT, init_ray
+from pipelines.core.tracking import Tracker
+from pipelines.train import checkpoint
+from pipelines.train.config import LaunchPlan, TrainConfig, fingerprint, validate_for_launch
+from pipelines.train.worker import EXPORT_DIR, Launch, train_loop_per_worker
+
+log = logging.getLogger("latentforge.train")
+
+REPORT_FILE = "train_report.json"
+_VERSIONED = ("torch", "deepspeed", "ray", "mlflow", "diffusers", "open_clip_torch", "safetensors")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    export_dir: str
+    steps: int
+    final_loss: float | None
+    mlflow_run_id: str | None
+    resumed_from: str | None
+    seconds: float
+
+
+def check_existing_checkpoint(cfg: TrainConfig, run_dir: str) -> str | None:
+    """The checkpoint this launch will continue from (verified), or None for a fresh start."""
+    found = checkpoint.latest_checkpoint(run_dir) or cfg.checkpoint.resume_from
+    if found:
+        checkpoint.verify(found, cfg.scaling.num_workers, fingerprint(cfg))
+    return found
+
+
+def run_tags(cfg: TrainConfig, plan: LaunchPlan) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    manifest = json.dumps(plan.manifest.to_dict(), sort_keys=True).encode()
+    tags = {"git_commit": _git_commit(), "dataset_manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+            "features_dir": plan.features_dir, "run_dir": storage.join(plan.storage_path, cfg.run_name)}
+    for package in _VERSIONED:
+        try:
+            tags[f"version.{package}"] = version(package)
+        except PackageNotFoundError:
+            tags[f"version.{package}"] = "not installed"
+    return tags
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown (not a git checkout)"
+
+
+def build_trainer(cfg: TrainConfig, plan: LaunchPlan, launch: Launch):
+    return build_torch_trainer(train_loop_per_worker, {"train": to_dict(cfg), "launch": asdict(launch)},
+                               cfg.scaling, run_name=cfg.run_name, storage_path=plan.storage_path,
+                               keep_checkpoints=cfg.checkpoint.keep, max_failures=cfg.max_failures)
+
+
+def run_training(cfg: TrainConfig) -> TrainResult:
+    import time
+
+    started = time.time()
+    plan = validate_for_launch(cfg)
+    run_dir = storage.join(plan.storage_path, cfg.run_name)
+    resumed_from = check_existing_checkpoint(cfg, run_dir)
+    if resumed_from:
+        log.info("continuing run %s from checkpoint %s", cfg.run_name, resumed_from)
+    tracker = Tracker.open(cfg.mlflow, cfg.run_name, tags=run_tags(cfg, plan))
+    tracker.log_params(flatten(to_dict(cfg)))
+    tracker.log_dict(to_dict(cfg), "config.json")
+    launch = Launch(features_dir=plan.features_dir, run_dir=run_dir, micro_batch=plan.micro_batch,
+                    grad_accum_steps=plan.grad_accum_steps, mlflow=to_dict(tracker.settings),
+                    mlflow_run_id=tracker.run_id)
+    init_ray()
+    try:
+        result = build_trainer(cfg, plan, launch).fit()
+    except Exception as err:
+        tracker.finish("FAILED")
+        raise TrainingError(f"training run {cfg.run_name} failed: {err}") from err
+    export_dir = storage.join(run_dir, EXPORT_DIR)
+    publish_model(tracker, export_dir, cfg.mlflow.registered_model)
+    metrics = result.metrics or {}
+    outcome = TrainResult(run_dir=run_dir, export_dir=export_dir, steps=int(metrics.get("step", cfg.max_steps)),
+                          final_loss=metrics.get("loss"), mlflow_run_id=tracker.run_id, resumed_from=resumed_from,
+                          seconds=round(time.time() - started, 1))
+    storage.write_json(storage.join(run_dir, REPORT_FILE), asdict(outcome))
+    tracker.finish("FINISHED")
+    return outcome
+
+
+def publish_model(tracker: Tracker, export_dir: str, registered_model: str | None) -> None:
+    """The exported model as run artifacts ('model/'), and as a registered MLflow pyfunc model if asked."""
+    if not tracker.active:
+        return
+    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+        local = export_dir
+        if storage.is_uri(export_dir):
+            local = _download(export_dir, Path(tmp))
+        tracker.log_artifacts(local, "model")
+        if registered_model:
+            from pipelines.inference.mlflow_model import log_pyfunc_model
+
+            tracker.call("register the model", log_pyfunc_model, tracker, local, registered_model)
+
+
+def _download(uri: str, into: Path) -> str:
+    import pyarrow.fs as pafs
+
+    fs, base = storage.resolve(uri)
+    pafs.copy_files(base, str(into / "model"), source_filesystem=fs)
+    return str(into / "model")

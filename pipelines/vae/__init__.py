@@ -1,0 +1,1 @@
+"""Training a VAE on the filtered images (the offline pipeline's own autoencoder)."""
