@@ -19,25 +19,14 @@ min_success_rate; see the report), 2 bad config or input.
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from pipelines.core.config import parse_job_args
-from pipelines.core.runtime import finish, setup_logging
-from pipelines.data.download import DownloadConfig, DownloadError, run_download
-
-log = logging.getLogger("latentforge.download")
+from pipelines.core.job import run_job
+from pipelines.data.download import STAGE
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_job_args(DownloadConfig, __doc__, argv)
-    setup_logging()
-    try:
-        report, report_path = run_download(cfg)
-    except DownloadError as err:
-        log.error("download: %s", err)
-        return 2
-    return finish(report, report_path)
+    return run_job(STAGE, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -19,32 +19,14 @@ examples:
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from pipelines.core.config import ConfigError, parse_job_args
-from pipelines.core.runtime import StageReport, finish, init_ray, setup_logging
-from pipelines.data.filter import FilterConfig, check_inputs, report_path, run_filter
-
-log = logging.getLogger("latentforge")
+from pipelines.core.job import run_job
+from pipelines.data.filter import STAGE
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    cfg, _ = parse_job_args(FilterConfig, __doc__, argv)
-    try:
-        check_inputs(cfg)  # before Ray starts: a typo in a path should not cost a cluster start
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    init_ray()
-    try:
-        report = run_filter(cfg)
-    except Exception as err:  # the report must say why, then the traceback helps whoever debugs
-        log.exception("filter stage crashed")
-        report = StageReport("filter")
-        report.fail(f"{type(err).__name__}: {err}")
-    return finish(report, report_path(cfg))
+    return run_job(STAGE, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -15,31 +15,14 @@ examples:
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from pipelines.core.config import parse_job_args
-from pipelines.core.runtime import init_ray, setup_logging
-from pipelines.data.precompute import FeatureMismatchError, PrecomputeConfig, run_precompute, write_report
-
-log = logging.getLogger("latentforge.precompute")
+from pipelines.core.job import run_job
+from pipelines.data.precompute import STAGE
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    cfg, _ = parse_job_args(PrecomputeConfig, __doc__, argv)
-    try:
-        cfg.validate()  # before any cluster work
-    except ValueError as err:
-        log.error("config error: %s", err)
-        return 2
-    init_ray(cfg.ray_num_cpus)
-    try:
-        report = run_precompute(cfg)
-    except FeatureMismatchError as err:
-        log.error("%s", err)
-        return 1
-    return write_report(cfg, report)
+    return run_job(STAGE, __doc__, argv)
 
 
 if __name__ == "__main__":

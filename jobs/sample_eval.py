@@ -18,48 +18,14 @@ examples:
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 
-from pipelines.core.config import ConfigError, parse_job_args
-from pipelines.core.runtime import init_ray, setup_logging
-from pipelines.eval.driver import EvalConfig, check_inputs, run_evaluation
-
-log = logging.getLogger("latentforge.eval")
-
-
-def _paths(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="exported model directory, or runs:/<id>/model or models:/<name>/<version>")
-    parser.add_argument("--prompts", help="prompt file: .txt (one a line), or .parquet/.jsonl with prompt[, seed]")
-    parser.add_argument("--out", help="output directory")
+from pipelines.core.job import run_job
+from pipelines.eval.driver import STAGE
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    shortcuts = argparse.ArgumentParser(add_help=False)
-    _paths(shortcuts)
-    known, _ = shortcuts.parse_known_args(argv)
-    # --model/--prompts/--out are shorthands for --set model=... (given last, so they win)
-    extra = [f"{k}={v}" for k, v in vars(known).items() if v is not None]
-    cfg, _ = parse_job_args(EvalConfig, __doc__, (argv if argv is not None else sys.argv[1:]) +
-                            [a for kv in extra for a in ("--set", kv)], extra=_paths)
-    try:
-        cfg.validate()
-        check_inputs(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        log.error("bad input: %s", err)
-        return 2
-    init_ray()
-    try:
-        metrics = run_evaluation(cfg)
-    except (FileNotFoundError, ValueError, ConfigError) as err:
-        log.error("%s", err)
-        return 1
-    for key, value in metrics["synthetic_accuracy"].items():
-        log.info("%s: %s", key, value.get("summary", value))
-    log.info("wrote %d images, results.jsonl, grids and metrics.json to %s", metrics["images"], cfg.out)
-    return 0
+    return run_job(STAGE, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -19,33 +19,14 @@ examples:
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from pipelines.core.config import ConfigError, parse_job_args
-from pipelines.core.runtime import setup_logging
-from pipelines.train.checkpoint import CheckpointError
-from pipelines.train.config import TrainConfig
-from pipelines.train.driver import TrainingError, run_training
-
-log = logging.getLogger("latentforge.train")
+from pipelines.core.job import run_job
+from pipelines.train.driver import STAGE
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    cfg, _ = parse_job_args(TrainConfig, __doc__, argv)
-    try:
-        result = run_training(cfg)
-    except ConfigError as err:
-        log.error("config error: %s", err)
-        return 2
-    except (CheckpointError, TrainingError) as err:
-        log.error("%s", err)
-        return 1
-    log.info("done: %d steps, final loss %s, model exported to %s; run report %s/train_report.json; "
-             "MLflow run %s", result.steps, result.final_loss, result.export_dir, result.run_dir,
-             result.mlflow_run_id)
-    return 0
+    return run_job(STAGE, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import sys
 
-from pipelines.core.config import parse_job_args
-from pipelines.core.runtime import setup_logging
-from pipelines.vae.training import TrainVAEConfig, run
+from pipelines.core.job import run_job
+from pipelines.vae.training import STAGE
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    cfg, _ = parse_job_args(TrainVAEConfig, __doc__, argv)
-    return run(cfg)
+    return run_job(STAGE, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,14 @@ import torch
 
 from model.config import PRESETS
 from pipelines.core.config import load_config
-from pipelines.core.runtime import finish
+from pipelines.core.job import run_stage
 from pipelines.data import schema
 from pipelines.data.download import REPORT_FILE as DOWNLOAD_REPORT
-from pipelines.data.download import DownloadConfig, failure_reason, run_download
+from pipelines.data.download import STAGE as DOWNLOAD
+from pipelines.data.download import DownloadConfig, failure_reason
 from pipelines.data.filter import REPORT_FILE as FILTER_REPORT
-from pipelines.data.filter import FilterConfig, report_path, run_filter
+from pipelines.data.filter import STAGE as FILTER
+from pipelines.data.filter import FilterConfig
 from pipelines.data.loader import (
     BATCH_CAPTIONS,
     BATCH_KEYS,
@@ -44,7 +46,8 @@ from pipelines.data.loader import (
     load_empty_caption,
 )
 from pipelines.data.precompute import REPORT_FILE as PRECOMPUTE_REPORT
-from pipelines.data.precompute import PrecomputeConfig, run_precompute, write_report
+from pipelines.data.precompute import STAGE as PRECOMPUTE
+from pipelines.data.precompute import PrecomputeConfig
 from pipelines.synthetic.shapes import PLANTED_KINDS, PlantedCounts, SyntheticConfig, build_dataset, training_attributes
 from pipelines.synthetic.web import SyntheticServer, write_url_list
 
@@ -100,32 +103,26 @@ def chain(ray_local, tmp_path_factory):
         url_list = write_url_list(dataset, server.base_url, root / "urls.parquet")
         dl_cfg = load_config(DownloadConfig, CONFIGS / "download.yaml",
                              [f"url_list={url_list}", f"output_dir={raw}"])
-        report, path = timed("download", lambda: run_download(dl_cfg))
-        assert finish(report, path) == 0, report.to_dict()
+        assert timed("download", lambda: run_stage(DOWNLOAD, dl_cfg)) == 0
     out["download_report"] = _read_json(raw / DOWNLOAD_REPORT)
 
     filter_cfg = load_config(FilterConfig, CONFIGS / "filter.yaml", [f"input_dir={raw}", f"output_dir={filtered}"])
-    report = timed("filter", lambda: run_filter(filter_cfg))
-    assert finish(report, report_path(filter_cfg)) == 0, report.to_dict()
+    assert timed("filter", lambda: run_stage(FILTER, filter_cfg)) == 0
     out["filter_report"] = _read_json(filtered / FILTER_REPORT)
 
     pre_cfg = load_config(PrecomputeConfig, CONFIGS / "precompute.yaml",
                           [f"input_dir={filtered}", f"output_dir={features}"])
-    report = timed("precompute", lambda: run_precompute(pre_cfg))
-    assert write_report(pre_cfg, report) == 0, report.to_dict()
+    assert timed("precompute", lambda: run_stage(PRECOMPUTE, pre_cfg)) == 0
     out["precompute_report"] = _read_json(features / PRECOMPUTE_REPORT)
     out["manifest_bytes"] = (features / schema.MANIFEST_FILE).read_bytes()
 
     # Reruns: nothing to do. The server is down now, so a download rerun that fetched would fail.
     out["mtimes"] = {name: _mtimes(d) for name, d in (("raw", raw), ("filtered", filtered), ("features", features))}
-    report, path = timed("download_rerun", lambda: run_download(dl_cfg))
-    assert finish(report, path) == 0, report.to_dict()
+    assert timed("download_rerun", lambda: run_stage(DOWNLOAD, dl_cfg)) == 0
     out["download_rerun"] = _read_json(raw / DOWNLOAD_REPORT)
-    report = timed("filter_rerun", lambda: run_filter(filter_cfg))
-    assert finish(report, report_path(filter_cfg)) == 0, report.to_dict()
+    assert timed("filter_rerun", lambda: run_stage(FILTER, filter_cfg)) == 0
     out["filter_rerun"] = _read_json(filtered / FILTER_REPORT)
-    report = timed("precompute_rerun", lambda: run_precompute(pre_cfg))
-    assert write_report(pre_cfg, report) == 0, report.to_dict()
+    assert timed("precompute_rerun", lambda: run_stage(PRECOMPUTE, pre_cfg)) == 0
     out["precompute_rerun"] = _read_json(features / PRECOMPUTE_REPORT)
     out["mtimes_rerun"] = {name: _mtimes(d) for name, d in (("raw", raw), ("filtered", filtered),
                                                             ("features", features))}
@@ -140,8 +137,7 @@ def chain(ray_local, tmp_path_factory):
     stale = features / f".{victim}.tmp-deadbeef0000"
     stale.write_bytes(b"half a parquet file")
     before = _mtimes(features)
-    report = timed("precompute_resume", lambda: run_precompute(pre_cfg))
-    assert write_report(pre_cfg, report) == 0, report.to_dict()
+    assert timed("precompute_resume", lambda: run_stage(PRECOMPUTE, pre_cfg)) == 0
     out["precompute_resume"] = _read_json(features / PRECOMPUTE_REPORT)
     out["resume_mtimes"] = (before, _mtimes(features))
     out["stale_left"] = stale.exists()

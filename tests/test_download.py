@@ -22,6 +22,7 @@ from pipelines.data.download import (
     DownloadError,
     failure_reason,
     plan_shards,
+    report_path,
     run_download,
     shard_files,
 )
@@ -49,8 +50,8 @@ def served(tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_run(served, ray_local):
     dataset, cfg = served
-    report, report_path = run_download(cfg)
-    report.write(report_path)
+    report = run_download(cfg)
+    report.write(report_path(cfg))
     return report
 
 
@@ -108,7 +109,7 @@ def test_every_good_item_arrives_in_the_shards(served, first_run):
 def test_rerun_is_a_no_op(served, first_run):
     _, cfg = served
     before, samples_before = _mtimes(cfg.output_dir), _samples(cfg.output_dir)
-    report, _ = run_download(cfg)
+    report = run_download(cfg)
     assert report.ok and report.to_dict()["shards"]["downloaded"] == []
     assert report.to_dict()["shards"]["skipped_done"] == 4
     assert (report.rows_out, report.dropped) == (first_run.rows_out, first_run.dropped)
@@ -124,7 +125,7 @@ def test_a_shard_without_stats_is_redone_and_only_that_one(served, first_run):
     with open(files["tar"], "r+b") as tar:
         tar.truncate(os.path.getsize(files["tar"]) // 3)
     others = {k: v for k, v in _mtimes(cfg.output_dir).items() if not k.startswith(shard.name)}
-    report, _ = run_download(cfg)
+    report = run_download(cfg)
     assert report.ok and report.to_dict()["shards"]["downloaded"] == [shard.name]
     assert {k: v for k, v in _mtimes(cfg.output_dir).items() if not k.startswith(shard.name)} == others
     assert set(_samples(cfg.output_dir)) == keys_before and report.rows_out == first_run.rows_out
@@ -140,8 +141,8 @@ def test_a_shard_that_keeps_failing_fails_the_stage_and_the_rest_is_kept(served,
     _, cfg = served
     blocked = Path(tmp_path, "raw", "00001.tar")
     blocked.mkdir(parents=True)  # a directory where the shard's tar must go: every attempt fails
-    report, _ = run_download(DownloadConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "raw"),
-                                               "shard_retries": 1}))
+    report = run_download(DownloadConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "raw"),
+                                            "shard_retries": 1}))
     assert not report.ok and "1 shard(s) failed after 2 attempts (shard 00001" in report.error
     assert report.to_dict()["shards"]["downloaded"] == ["00000", "00002", "00003"]
     assert report.dropped["shard_failed"] == 20
@@ -156,7 +157,7 @@ def _job(*overrides: str) -> subprocess.CompletedProcess:
 def test_job_exits_non_zero_with_a_clear_message(served, first_run):
     _, cfg = served
     common = (f"url_list={cfg.url_list}", f"output_dir={cfg.output_dir}", "number_sample_per_shard=20")
-    # Every shard is done, so this only judges the success rate (no Ray needed).
+    # Every shard is done, so this only judges the success rate.
     strict = _job(*common, "min_success_rate=0.99")
     assert strict.returncode == 1
     assert "under min_success_rate 99.0%" in strict.stderr and "http_404=2" in strict.stderr

@@ -37,7 +37,7 @@ from pipelines.data.precompute import (
     non_finite_reasons,
     read_and_decode,
     run_precompute,
-    write_report,
+    report_path,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def clean_run(ray_local, shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("features")
     cfg = make_config(shards[0], out)
     report = run_precompute(cfg)
-    assert write_report(cfg, report) == 0, report.to_dict()
+    assert finish(report, report_path(cfg)) == 0, report.to_dict()
     return out, report
 
 
@@ -226,7 +226,7 @@ def test_sigkill_then_rerun_gives_the_rows_of_a_clean_run(clean_run, shards, ray
 
     cfg = make_config(input_dir, out)  # the rerun in process: what the job runs, minus a second start-up
     rerun = run_precompute(cfg)
-    assert write_report(cfg, rerun) == 0
+    assert finish(rerun, report_path(cfg)) == 0
     assert 1 <= rerun.details["shards_skipped"] <= SHARDS  # the killed run's shards were kept
     assert not stale.exists()
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []

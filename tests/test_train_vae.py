@@ -21,7 +21,8 @@ import torch
 from pipelines.core.config import from_dict
 from pipelines.data.precompute import decode_image
 from pipelines.synthetic.shapes import caption_for, encode_image, render, training_attributes
-from pipelines.vae.training import REPORT_FILE, ImageStream, TrainVAEConfig, run
+from pipelines.core.job import run_stage
+from pipelines.vae.training import REPORT_FILE, STAGE, ImageStream, TrainVAEConfig
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "train_vae.py"
@@ -76,7 +77,7 @@ def trained(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train_vae")
     write_synthetic_shards(tmp / "filtered", SHARDS, PER_SHARD)
     cfg = make_config(tmp / "filtered", tmp)
-    assert run(cfg) == 0
+    assert run_stage(STAGE, cfg) == 0
     return cfg, tmp
 
 
@@ -168,7 +169,7 @@ def test_rerun_with_the_same_name_resumes(trained):
 
     cfg, tmp = trained
     more = make_config(Path(cfg.input_dir), tmp, {"train": {"steps": STEPS + 4}})
-    assert run(more) == 0
+    assert run_stage(STAGE, more) == 0
     report = read_json(Path(cfg.output_dir) / REPORT_FILE)
     assert report["start_step"] == STEPS and report["steps"] == STEPS + 4
     assert report["images_seen"] == (STEPS + 4) * BATCH * WORKERS
@@ -181,7 +182,7 @@ def test_rerun_with_another_vae_under_the_same_name_is_refused(trained, caplog):
     cfg, tmp = trained
     other = make_config(Path(cfg.input_dir), tmp, {"vae": {"seed": 1}})
     with caplog.at_level(logging.ERROR, logger="latentforge.train_vae"):
-        assert run(other) == 2
+        assert run_stage(STAGE, other) == 2
     assert "already has checkpoints" in caplog.text and "another run_name" in caplog.text
 
 
@@ -195,7 +196,7 @@ def test_bad_input_is_a_clear_config_error(tmp_path, caplog, change, message):
     write_synthetic_shards(tmp_path / "filtered", 1, 1)
     cfg = make_config(tmp_path / "filtered", tmp_path, change)
     with caplog.at_level(logging.ERROR, logger="latentforge.train_vae"):
-        assert run(cfg) == 2
+        assert run_stage(STAGE, cfg) == 2
     assert message in caplog.text and not (tmp_path / "vae").exists()
 
 
@@ -208,7 +209,7 @@ def test_color_anchor_on_a_vae_with_fewer_than_three_latent_channels_is_a_config
     write_synthetic_shards(tmp_path / "filtered", 1, 1)
     cfg = make_config(tmp_path / "filtered", tmp_path, {"vae": {"source": str(tmp_path / "vae2")}})
     with caplog.at_level(logging.ERROR, logger="latentforge.train_vae"):
-        assert run(cfg) == 2
+        assert run_stage(STAGE, cfg) == 2
     assert "train.color_anchor_weight needs a VAE with >= 3 latent channels" in caplog.text
 
 

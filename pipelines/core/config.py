@@ -81,6 +81,10 @@ def from_dict(cls: type[T], values: dict | None, prefix: str = "") -> T:
         return cls(**kwargs)
     except TypeError as err:  # a required field without a value
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from None
+    except ValueError as err:  # a section's own check (__post_init__) refused a value
+        message = str(err)
+        where = prefix.rstrip(".")
+        raise ConfigError(message if not where or message.startswith(where) else f"{where}: {message}") from None
 
 
 def to_dict(cfg: Any) -> dict:

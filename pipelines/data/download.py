@@ -54,8 +54,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipelines.core import storage
-from pipelines.core.config import from_dict, to_dict
-from pipelines.core.runtime import StageReport, init_ray
+from pipelines.core.config import ConfigError, from_dict, to_dict
+from pipelines.core.job import Stage
+from pipelines.core.runtime import StageReport
 
 log = logging.getLogger("latentforge.download")
 
@@ -69,7 +70,7 @@ RESERVED_COLUMNS = frozenset({"key", "caption", "url", "width", "height", "origi
 DISALLOWED_HEADER_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 
 
-class DownloadError(ValueError):
+class DownloadError(ConfigError):
     """Bad input found before any download work starts (the job exits with status 2)."""
 
 
@@ -435,9 +436,13 @@ def summarize(report: StageReport, cfg: DownloadConfig, shards: list[Shard], ski
     return report
 
 
-def run_download(cfg: DownloadConfig) -> tuple[StageReport, str]:
-    """Download every shard not done yet; returns the report and where it belongs (the caller
-    writes it with runtime.finish). Bad input raises DownloadError before any work starts."""
+def report_path(cfg: DownloadConfig) -> str:
+    return storage.join(cfg.output_dir, REPORT_FILE)
+
+
+def run_download(cfg: DownloadConfig) -> StageReport:
+    """Download every shard not done yet (on a running Ray); returns the report. Bad input raises
+    DownloadError before any work starts."""
     report = StageReport("download")  # started now: its `seconds` covers the whole stage
     cfg = validate_config(cfg)
     table = read_url_list(cfg)
@@ -451,7 +456,9 @@ def run_download(cfg: DownloadConfig) -> tuple[StageReport, str]:
     log.info("%d rows in %d shards of %d: %d shard(s) already done, %d to download into %s",
              table.num_rows, len(shards), cfg.number_sample_per_shard, len(done), len(pending), cfg.output_dir)
     runner = _ShardRunner(cfg, table, pending)
-    if pending:  # a rerun with every shard done never starts Ray
-        init_ray()
+    if pending:
         runner.run()
-    return summarize(report, cfg, shards, done, runner), storage.join(cfg.output_dir, REPORT_FILE)
+    return summarize(report, cfg, shards, done, runner)
+
+
+STAGE = Stage("download", DownloadConfig, run=run_download, report_path=report_path, check=validate_config)

@@ -50,6 +50,7 @@ from PIL import Image, ImageOps
 
 from pipelines.core import storage
 from pipelines.core.config import ConfigError, from_dict, to_dict
+from pipelines.core.job import Stage
 from pipelines.core.runtime import StageReport
 from pipelines.data.tar_samples import KEY_FIELD, MTIME_FIELD, iter_tar_samples
 
@@ -57,7 +58,7 @@ log = logging.getLogger("latentforge.filter")
 
 REPORT_FILE = "filter_report.json"
 STAGING_PREFIX = ".staging-"  # <output>/.staging-<id>/: one run's shards until the commit
-STAGE = "filter"
+STAGE_NAME = "filter"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 # Every drop reason, in the order the checks run; a row is counted under the first that fails.
@@ -560,7 +561,7 @@ def _noop_report(old: dict) -> StageReport:
     details["noop"] = True
     log.info("output already matches the inputs and filter settings: nothing to do "
              "(force=true recomputes)")
-    return StageReport(STAGE, rows_in=old["rows_in"], rows_out=old["rows_out"],
+    return StageReport(STAGE_NAME, rows_in=old["rows_in"], rows_out=old["rows_out"],
                        dropped=dict(old["dropped"]), details=details)
 
 
@@ -627,7 +628,7 @@ def run_filter(cfg: FilterConfig) -> StageReport:
     old = None if cfg.force else committed_report(cfg, fp)
     if old:
         return _noop_report(old)
-    report = StageReport(STAGE, dropped={r: 0 for r in REASONS})
+    report = StageReport(STAGE_NAME, dropped={r: 0 for r in REASONS})
     report.details.update(noop=False, fingerprint=fp, input_dir=cfg.input_dir,
                           output_dir=cfg.output_dir, shards_in=len(inputs.finished),
                           shards_unfinished=list(inputs.unfinished), config=to_dict(cfg))
@@ -669,3 +670,6 @@ def _write_and_commit(cfg: FilterConfig, plan: dict[str, list[int]]) -> dict[str
     finally:
         storage.remove_dir(staging)
     return written
+
+
+STAGE = Stage(STAGE_NAME, FilterConfig, run=run_filter, report_path=report_path, check=check_inputs)

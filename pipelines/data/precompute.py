@@ -50,8 +50,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.core import storage
-from pipelines.core.config import from_dict, to_dict
-from pipelines.core.runtime import StageReport, finish
+from pipelines.core.config import ConfigError, from_dict, to_dict
+from pipelines.core.job import Stage
+from pipelines.core.runtime import StageReport
 from pipelines.data import schema
 from pipelines.data.tar_samples import KEY_FIELD, iter_tar_samples
 
@@ -70,7 +71,7 @@ MISSING_IMAGE, MISSING_CAPTION, BAD_CAPTION = "missing_image", "missing_caption"
 DECODE_ERROR, NON_FINITE_LATENTS, NON_FINITE_TEXT = "decode_error", "non_finite_latents", "non_finite_text"
 
 
-class FeatureMismatchError(ValueError):
+class FeatureMismatchError(ConfigError):
     """The output directory holds features made differently from what the config asks for."""
 
 
@@ -115,20 +116,20 @@ class PrecomputeConfig:
     ray_num_cpus: int | None = None  # CPUs of an embedded local Ray (ignored when joining a cluster)
 
     def validate(self) -> None:
-        """Checks that need no cluster; raises ValueError naming the key."""
+        """Checks that need no cluster; raises ConfigError naming the key."""
         if not self.input_dir or not self.output_dir:
-            raise ValueError("input_dir and output_dir must both be set (--set input_dir=... output_dir=...)")
+            raise ConfigError("input_dir and output_dir must both be set (--set input_dir=... output_dir=...)")
         if self.image_size <= 0:
-            raise ValueError(f"image_size must be > 0, got {self.image_size}")
+            raise ConfigError(f"image_size must be > 0, got {self.image_size}")
         c = self.compute
         if c.dtype not in DTYPES:
-            raise ValueError(f"compute.dtype must be one of {DTYPES}, got {c.dtype!r}")
+            raise ConfigError(f"compute.dtype must be one of {DTYPES}, got {c.dtype!r}")
         if c.actors < 1 or c.batch_size < 1 or c.read_concurrency < 1:
-            raise ValueError("compute.actors, compute.batch_size and compute.read_concurrency must be >= 1")
+            raise ConfigError("compute.actors, compute.batch_size and compute.read_concurrency must be >= 1")
         if self.vae.source != "tiny" and not storage.is_uri(self.vae.source) and not Path(self.vae.source).is_dir():
-            raise ValueError(f"vae.source: {self.vae.source!r} is neither 'tiny' nor a local diffusers directory")
+            raise ConfigError(f"vae.source: {self.vae.source!r} is neither 'tiny' nor a local diffusers directory")
         if self.text.weights and not Path(self.text.weights).expanduser().is_file():
-            raise ValueError(f"text.weights: file {self.text.weights!r} not found")
+            raise ConfigError(f"text.weights: file {self.text.weights!r} not found")
 
 
 # --------------------------------------------------------------------------------------------
@@ -625,6 +626,14 @@ def run_precompute(cfg: PrecomputeConfig) -> StageReport:
     return report
 
 
-def write_report(cfg: PrecomputeConfig, report: StageReport) -> int:
-    """Write the report next to the features; returns the job's exit status."""
-    return finish(report, storage.join(cfg.output_dir, REPORT_FILE))
+def report_path(cfg: PrecomputeConfig) -> str:
+    return storage.join(cfg.output_dir, REPORT_FILE)
+
+
+def _validated(cfg: PrecomputeConfig) -> PrecomputeConfig:
+    cfg.validate()
+    return cfg
+
+
+STAGE = Stage("precompute", PrecomputeConfig, run=run_precompute, report_path=report_path, check=_validated,
+              ray_cpus=lambda cfg: cfg.ray_num_cpus)

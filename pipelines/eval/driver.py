@@ -24,7 +24,9 @@ import numpy as np
 
 from model.samplers import SAMPLER_NAMES, TIMESTEP_SPACINGS, SamplerConfig
 from pipelines.core import storage
-from pipelines.core.config import from_dict, to_dict
+from pipelines.core.config import ConfigError, from_dict, to_dict
+from pipelines.core.job import Stage
+from pipelines.core.runtime import StageReport
 from pipelines.core.tracking import MLflowSettings, Tracker
 from pipelines.eval.outputs import GRIDS_DIR, RESULTS_FILE, write_outputs
 from pipelines.eval.prompts import PromptRow, read_prompts
@@ -78,27 +80,27 @@ class EvalConfig:
     run_name: str | None = None  # MLflow run name (default: eval-<model run name or dir name>)
 
     def validate(self) -> None:
-        """Checks that need no cluster; raises ValueError naming the key."""
+        """Checks that need no cluster; raises ConfigError naming the key."""
         for key in ("model", "prompts", "out"):
             if not getattr(self, key):
-                raise ValueError(f"{key} must be set (--{key} ...)")
+                raise ConfigError(f"{key} must be set (--{key} ...)")
         s = self.sampling
         if s.sampler not in SAMPLER_NAMES:
-            raise ValueError(f"sampling.sampler: unknown sampler {s.sampler!r}; choose one of {list(SAMPLER_NAMES)}")
+            raise ConfigError(f"sampling.sampler: unknown sampler {s.sampler!r}; choose one of {list(SAMPLER_NAMES)}")
         if s.timestep_spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(f"sampling.timestep_spacing must be one of {TIMESTEP_SPACINGS}")
+            raise ConfigError(f"sampling.timestep_spacing must be one of {TIMESTEP_SPACINGS}")
         if not s.guidance_scales:
-            raise ValueError("sampling.guidance_scales must list at least one value")
+            raise ConfigError("sampling.guidance_scales must list at least one value")
         for g in s.guidance_scales:
             s.sampler_config(g)  # validates steps and each guidance value
         if s.images_per_prompt < 1 or self.compute.actors < 1 or self.compute.batch_size < 1:
-            raise ValueError("sampling.images_per_prompt, compute.actors and compute.batch_size must be >= 1")
+            raise ConfigError("sampling.images_per_prompt, compute.actors and compute.batch_size must be >= 1")
         for key in ("clip_weights", "fid_weights"):
             path = getattr(self.metrics, key)
             if path and not Path(path).is_file():
-                raise ValueError(f"metrics.{key}: file {path} not found")
+                raise ConfigError(f"metrics.{key}: file {path} not found")
         if self.metrics.fid_reference and not Path(self.metrics.fid_reference).is_dir():
-            raise ValueError(f"metrics.fid_reference: folder {self.metrics.fid_reference} not found")
+            raise ConfigError(f"metrics.fid_reference: folder {self.metrics.fid_reference} not found")
 
 
 def check_inputs(cfg: EvalConfig) -> None:
@@ -234,3 +236,35 @@ def flat_numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
             out[f"{prefix}{key}"] = float(value)
     return out
+
+
+REPORT_FILE = "eval_report.json"
+
+
+def report_path(cfg: EvalConfig) -> str:
+    return storage.join(cfg.out, REPORT_FILE)
+
+
+def _checked(cfg: EvalConfig) -> EvalConfig:
+    try:
+        cfg.validate()
+        check_inputs(cfg)
+    except (ValueError, FileNotFoundError) as err:  # a bad sampler value, prompt file or model directory
+        raise ConfigError(str(err)) from None
+    return cfg
+
+
+def run_sample_eval(cfg: EvalConfig) -> StageReport:
+    metrics = run_evaluation(cfg)
+    for key, value in metrics["synthetic_accuracy"].items():
+        log.info("%s: %s", key, value.get("summary", value))
+    log.info("wrote %d images, %s, grids and %s to %s", metrics["images"], RESULTS_FILE, METRICS_FILE, cfg.out)
+    return StageReport("sample_eval", rows_in=metrics["prompts"], rows_out=metrics["images"],
+                       details={k: metrics[k] for k in ("model", "model_step", "grids", "timing")}
+                       | {"metrics_file": storage.join(cfg.out, METRICS_FILE)})
+
+
+STAGE = Stage("sample_eval", EvalConfig, run=run_sample_eval, report_path=report_path, check=_checked,
+              shorthands={"model": "exported model directory, or runs:/<id>/model or models:/<name>/<version>",
+                          "prompts": "prompt file: .txt (one a line), or .parquet/.jsonl with prompt[, seed]",
+                          "out": "output directory"})

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pipelines.core import storage
+from pipelines.core.config import ConfigError
 from pipelines.train.config import fingerprint_differences
 
 META_FILE = "meta.json"
@@ -35,7 +36,7 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 COMPLETE_FILE = "complete.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ConfigError):
     pass
 
 

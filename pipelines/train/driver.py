@@ -20,7 +20,8 @@ from pathlib import Path
 from pipelines.core import storage
 from pipelines.core.config import flatten, to_dict
 from pipelines.core.ray_train import build_torch_trainer
-from pipelines.core.runtime import REPO_ROOT, init_ray
+from pipelines.core.job import Stage
+from pipelines.core.runtime import REPO_ROOT, StageReport
 from pipelines.core.tracking import Tracker
 from pipelines.train import checkpoint
 from pipelines.train.config import LaunchPlan, TrainConfig, fingerprint, validate_for_launch
@@ -98,7 +99,6 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     launch = Launch(features_dir=plan.features_dir, run_dir=run_dir, micro_batch=plan.micro_batch,
                     grad_accum_steps=plan.grad_accum_steps, mlflow=to_dict(tracker.settings),
                     mlflow_run_id=tracker.run_id)
-    init_ray()
     try:
         result = build_trainer(cfg, plan, launch).fit()
     except Exception as err:
@@ -110,7 +110,6 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     outcome = TrainResult(run_dir=run_dir, export_dir=export_dir, steps=int(metrics.get("step", cfg.max_steps)),
                           final_loss=metrics.get("loss"), mlflow_run_id=tracker.run_id, resumed_from=resumed_from,
                           seconds=round(time.time() - started, 1))
-    storage.write_json(storage.join(run_dir, REPORT_FILE), asdict(outcome))
     tracker.finish("FINISHED")
     return outcome
 
@@ -136,3 +135,17 @@ def _download(uri: str, into: Path) -> str:
     fs, base = storage.resolve(uri)
     pafs.copy_files(base, str(into / "model"), source_filesystem=fs)
     return str(into / "model")
+
+
+def report_path(cfg: TrainConfig) -> str:
+    return storage.join(storage.absolute(cfg.storage_path), cfg.run_name, REPORT_FILE)
+
+
+def run_train_unet(cfg: TrainConfig) -> StageReport:
+    result = run_training(cfg)
+    log.info("done: %d steps, final loss %s, model exported to %s; MLflow run %s", result.steps, result.final_loss,
+             result.export_dir, result.mlflow_run_id)
+    return StageReport("train_unet", details=asdict(result))
+
+
+STAGE = Stage("train_unet", TrainConfig, run=run_train_unet, report_path=report_path)

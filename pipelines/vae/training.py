@@ -61,7 +61,9 @@ import numpy as np
 
 from pipelines.core import storage
 from pipelines.core.config import ConfigError, flatten, from_dict, to_dict
+from pipelines.core.job import Stage
 from pipelines.core.ray_train import ScalingSettings, build_torch_trainer
+from pipelines.core.runtime import StageReport
 from pipelines.core.tracking import MLflowSettings, Tracker
 from pipelines.data.precompute import DROP_REASON, IMAGE, VAEConfig, list_input_shards, sample_row
 from pipelines.data.tar_samples import KEY_FIELD, iter_tar_samples
@@ -656,28 +658,33 @@ def _failure_message(err: Exception) -> str:
     return "; ".join(sorted(lines))
 
 
-def run(cfg: TrainVAEConfig) -> int:
-    """The job: validate, start or join Ray, train, export. -> exit status 0 / 1 (failed) / 2 (bad config)."""
-    try:
-        check_inputs(cfg)
-        check_resume(cfg)
-    except ConfigError as err:
-        log.error("config error: %s", err)
-        return 2
+def _checked(cfg: TrainVAEConfig) -> TrainVAEConfig:
+    check_inputs(cfg)
+    check_resume(cfg)
+    return cfg
+
+
+def report_path(cfg: TrainVAEConfig) -> str:
+    return storage.join(cfg.output_dir, REPORT_FILE)
+
+
+def run_train_vae(cfg: TrainVAEConfig) -> StageReport:
+    """train_vae as a stage: the export's report as the stage report, a failed run as one readable line."""
     import ray.train
 
-    from pipelines.core.runtime import init_ray
-
-    init_ray(cfg.ray_num_cpus)
     try:
-        report = train_vae(cfg)
+        exported = train_vae(cfg)
     except ray.train.TrainingFailedError as err:
-        log.error("VAE training failed: %s (checkpoints: %s; rerun with the same run_name to resume)",
-                  _failure_message(err), storage.join(storage.absolute(cfg.storage_path), cfg.run_name))
-        return 1
-    out = report["config"]
-    log.info("VAE: %s (scaling factor %.5f; load it with --set vae.source=%s in precompute)",
-             out["output_dir"], report["scaling_factor"], out["output_dir"])
-    log.info("report: %s; checkpoints: %s; MLflow run %s at %s", storage.join(out["output_dir"], REPORT_FILE),
-             storage.join(out["storage_path"], cfg.run_name), report["mlflow_run_id"], out["mlflow"]["tracking_uri"])
-    return 0
+        raise RuntimeError(f"VAE training failed: {_failure_message(err)} (checkpoints: "
+                           f"{storage.join(storage.absolute(cfg.storage_path), cfg.run_name)}; rerun with the "
+                           f"same run_name to resume)") from err
+    out = exported["config"]
+    log.info("VAE: %s (scaling factor %.5f; load it with --set vae.source=%s in precompute); checkpoints: %s; "
+             "MLflow run %s at %s", out["output_dir"], exported["scaling_factor"], out["output_dir"],
+             storage.join(out["storage_path"], cfg.run_name), exported["mlflow_run_id"],
+             out["mlflow"]["tracking_uri"])
+    return StageReport("train_vae", details={k: v for k, v in exported.items() if k not in ("stage", "ok")})
+
+
+STAGE = Stage("train_vae", TrainVAEConfig, run=run_train_vae, report_path=report_path, check=_checked,
+              ray_cpus=lambda cfg: cfg.ray_num_cpus)
