@@ -31,8 +31,9 @@ log = logging.getLogger("latentforge.demo")
 
 SUMMARY_FILE = "summary.json"
 RUN_NAME = "demo-unet"  # the U-Net run: <out_dir>/runs/<RUN_NAME>/ holds its checkpoints, export and report
-# A Ray Train worker's progress line, e.g. "(RayTrainWorker pid=1) step 20/700 loss 0.9 ...": echoed now and then
-TRAINING_PROGRESS = re.compile(r"\(RayTrainWorker[^)]*\)\S*\s+(step \d+/\d+.*)")
+# A Ray Train worker's progress line, e.g. "(RayTrainWorker pid=1) ... 20/700 steps (3%), ... | loss 0.9 ...":
+# echoed now and then
+TRAINING_PROGRESS = re.compile(r"\(RayTrainWorker[^)]*\).*?\s(\d+/\d+ steps .*)")
 PROGRESS_EVERY_S = 30.0
 
 

@@ -3,7 +3,7 @@ subprocess (download -> filter -> train_vae -> precompute -> train_unet -> sampl
 
 The step counts are too small to learn the shapes: this checks that every stage runs and reports, that
 the summary points at real outputs, and that the demo stops what it started. The accuracy figures of the
-full demo are measured by `make demo` itself (README)."""
+full demo are measured by `make demo` itself (docs/benchmarks.md)."""
 
 import json
 import os

@@ -29,7 +29,7 @@ from pipelines.data.filter import (
     check_inputs,
     color_thumb,
     decide,
-    decode_image,
+    decode_or_none,
     dhash,
     report_path,
     run_filter,
@@ -129,7 +129,7 @@ def raw(tmp_path_factory):
     s1 = [good(f"0000100{i:02d}", next(goods)) for i in range(20)]
     s1 += [
         sample("000010020", img[s0_combo(3)]),  # same bytes as 000000003
-        sample("000010021", encode(decode_image(img[s0_combo(5)]), "PNG")),  # same pixels as 5
+        sample("000010021", encode(decode_or_none(img[s0_combo(5)]), "PNG")),  # same pixels as 5
         sample("000010022", encode(draw(COMBOS[s0_combo(7)]), quality=70)),  # re-encoded 7
         sample("000010023", encode(changed)),  # 9 with one pixel changed
         sample("000010024", img[SPARE_IDS[3]], "the first copy had an empty caption"),  # kept
@@ -216,7 +216,7 @@ def test_config_errors_name_the_key():
 def test_dhash_with_colour_guard_separates_all_synthetic_images():
     """Re-encodes and one-pixel edits are near duplicates; no two of the 180 distinct synthetic
     images are, although dHash alone cannot tell colours apart."""
-    imgs = [decode_image(encode(draw(c))) for c in COMBOS]
+    imgs = [decode_or_none(encode(draw(c))) for c in COMBOS]
     index = NearDuplicateIndex(max_hamming=4, max_color_diff=20)
     for img in imgs:
         assert not index.find(dhash(img), color_thumb(img))
@@ -225,7 +225,7 @@ def test_dhash_with_colour_guard_separates_all_synthetic_images():
         edited = draw(combo)
         edited.putpixel((3, 60), (0, 0, 0))
         for variant in (encode(draw(combo), quality=60), encode(edited)):
-            v = decode_image(variant)
+            v = decode_or_none(variant)
             assert index.find(dhash(v), color_thumb(v)), combo
     hashes = {dhash(i) for i in imgs[:6 * 10:10]}  # one shape/size/place in six colours
     assert len(hashes) == 1  # why the colour guard exists

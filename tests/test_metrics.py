@@ -78,13 +78,13 @@ def _rounded_square(side: int, radius: float, canvas: int = 64) -> np.ndarray:
 
 def test_a_square_with_dented_sides_is_still_a_square():
     # What the demo's model draws for small squares (10 px on a 32 px canvas, 2.5 latent pixels): the
-    # corners are there, the middle of a side is dented. The fill ratio of the box (the old rule) drops
-    # under the circle/square midpoint; the corners, where the two shapes differ, still say square.
+    # corners are there, the middle of a side is dented. The fill ratio of the box drops under the
+    # circle/square midpoint; the corners, where the two shapes differ, still say square.
     dents = np.zeros((32, 32), dtype=bool)  # one pixel deep, four wide, in the middle of each side
     dents[14:18, [11, 20]] = dents[[11, 20], 14:18] = True
     read = read_attributes(_drawn(_rounded_square(10, 0.0, canvas=32) & ~dents))
-    old_rule_min_fill = (np.pi / 4 + 1) / 2  # midway between a circle's and a square's fill of their box
-    assert read.shape == "square" and read.fill_ratio < old_rule_min_fill < read.corner_fill
+    fill_ratio_midpoint = (np.pi / 4 + 1) / 2  # midway between a circle's and a square's fill of their box
+    assert read.shape == "square" and read.fill_ratio < fill_ratio_midpoint < read.corner_fill
 
 
 @pytest.mark.parametrize("radius_fraction, shape", [(0.0, "square"), (0.15, "square"), (0.3, "square"),

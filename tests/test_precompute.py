@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from pipelines.core.config import from_dict
+from pipelines.core.runtime import finish
 from pipelines.data import schema
 from pipelines.data.precompute import (
     DECODE_ERROR,
@@ -33,11 +34,11 @@ from pipelines.data.precompute import (
     EncoderActor,
     FeatureMismatchError,
     PrecomputeConfig,
-    decode_image,
     non_finite_reasons,
     read_and_decode,
-    run_precompute,
     report_path,
+    run_precompute,
+    vae_input,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +156,7 @@ def test_features_equal_direct_encoding(clean_run, shards):
     vae, text = build_vae("tiny"), build_text_encoder("tiny")
     rows = read_rows(out)
     for key in ("00000001", "00040005", "00070003"):
-        image = torch.from_numpy(decode_image(samples[key]["jpg"], 64))[None]
+        image = torch.from_numpy(vae_input(samples[key]["jpg"], 64))[None]
         mean, logvar = vae.encode(image)
         states, mask = text([samples[key]["txt"]])
         row = rows[key]
@@ -281,13 +282,13 @@ def test_non_finite_check_counts_float16_overflow():
                                                      "non_finite_text"]
 
 
-def test_decode_image_resizes_and_center_crops():
+def test_vae_input_resizes_and_center_crops():
     rng = np.random.default_rng(1)
-    image = decode_image(_jpeg(rng, 96, 48), 32)
+    image = vae_input(_jpeg(rng, 96, 48), 32)
     assert image.shape == (3, 32, 32) and image.dtype == np.float32
     assert -1.0 <= image.min() and image.max() <= 1.0
     with pytest.raises(Exception):
-        decode_image(b"not an image", 32)
+        vae_input(b"not an image", 32)
 
 
 def test_job_help_and_config_errors():

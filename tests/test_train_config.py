@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from model.config import PRESETS
-from pipelines.core.config import ConfigError, from_dict, load_config
+from pipelines.core.config import ConfigError, config_differences, from_dict, load_config
 from pipelines.core.tracking import MLflowSettings, Tracker
-from pipelines.train.config import TrainConfig, fingerprint, fingerprint_differences, validate_for_launch
+from pipelines.train.config import TrainConfig, fingerprint, validate_for_launch
 from pipelines.train.deepspeed_config import derive_batch_sizes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -43,9 +43,9 @@ def test_fingerprint_ignores_resumable_settings_and_names_real_changes():
     same = load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml",
                        ["max_steps=5000", "log_every=1", "checkpoint.every_steps=7", "mlflow.experiment=x",
                         "samples.every_steps=3"])
-    assert fingerprint_differences(fingerprint(base), fingerprint(same)) == []
+    assert config_differences(fingerprint(base), fingerprint(same)) == []
     other = load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml", ["deepspeed.adamw.lr=0.5", "model.overrides.norm_groups=8"])
-    changes = fingerprint_differences(fingerprint(base), fingerprint(other))
+    changes = config_differences(fingerprint(base), fingerprint(other))
     assert any(c.startswith("deepspeed.adamw.lr:") for c in changes)
     assert any(c.startswith("model.unet.norm_groups:") for c in changes)
 

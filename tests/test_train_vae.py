@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from pipelines.core.config import from_dict
-from pipelines.data.precompute import decode_image
-from pipelines.synthetic.shapes import caption_for, encode_image, render, training_attributes
 from pipelines.core.job import run_stage
+from pipelines.data.precompute import vae_input
+from pipelines.synthetic.shapes import caption_for, encode_image, render, training_attributes
 from pipelines.vae.training import REPORT_FILE, STAGE, ImageStream, TrainVAEConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def decoded_in_sorted_order(input_dir: Path, count: int) -> torch.Tensor:
         with tarfile.open(path) as tar:
             for member in tar.getmembers():
                 if member.name.endswith(".jpg") and len(images) < count:
-                    images.append(decode_image(tar.extractfile(member).read(), SIZE))
+                    images.append(vae_input(tar.extractfile(member).read(), SIZE))
     return torch.from_numpy(np.stack(images))
 
 

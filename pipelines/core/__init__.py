@@ -1,1 +1,2 @@
-"""What every stage shares: typed configs, storage (local paths and URIs), MLflow tracking, the Ray runtime."""
+"""What every stage shares: typed configs, storage (local paths and URIs), MLflow tracking, the Ray runtime.
+"""

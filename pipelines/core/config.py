@@ -91,6 +91,19 @@ def to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+def config_differences(existing: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
+    """Why an existing output (checkpoint, feature folder, ...) is not what this config would make: one
+    'key: existing X, config gives Y' line per differing dotted key, nested sections compared key by key."""
+    lines = []
+    for key in sorted(set(existing) | set(wanted)):
+        a, b = existing.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: existing {a!r}, config gives {b!r}")
+    return lines
+
+
 def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}: for MLflow params and reports."""
     flat = {}

@@ -198,10 +198,6 @@ class Tracker:
 
         self.call("log params", log_new)
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        if self.active:
-            self.call("set tags", lambda: [self.client.set_tag(self.run_id, k, v) for k, v in tags.items()])
-
     def log_dict(self, values: dict[str, Any], artifact_file: str) -> None:
         if self.active:
             self.call(f"log {artifact_file}", self.client.log_dict, self.run_id, values, artifact_file)

@@ -23,7 +23,7 @@ never duplicates samples. A finished shard whose row count differs from the plan
 folder belongs to another URL list or shard size: that is an error, never silently mixed.
 
 Multi-node: `output_dir` must be the same path on every node (shared storage: NFS, EFS, Lustre...)
-or a URI (s3://...): img2dataset writes through fsspec, and this module through pipelines/storage.
+or a URI (s3://...): img2dataset writes through fsspec, and this module through pipelines/core/storage.
 The URL list travels to the tasks through Ray's object store, so only the driver must read it.
 After each shard the driver checks that the shard's stats file is visible to it, which catches an
 `output_dir` that is not actually shared.
@@ -56,6 +56,7 @@ import pyarrow.fs as pafs
 from pipelines.core import storage
 from pipelines.core.config import ConfigError, from_dict, to_dict
 from pipelines.core.job import Stage
+from pipelines.core.progress import Progress
 from pipelines.core.runtime import StageReport
 
 log = logging.getLogger("latentforge.download")
@@ -301,6 +302,7 @@ class _ShardRunner:
         self.failed: dict[str, str] = {}
         self.rows_done = self.rows_ok = 0
         self.seconds = self.shard_seconds = 0.0
+        self.progress = Progress(self.total_rows, "rows")
 
     def run(self) -> None:
         import ray
@@ -315,7 +317,7 @@ class _ShardRunner:
                 in_flight[task.remote(config, table_ref, group)] = (group, attempt)
             [ready], _ = ray.wait(list(in_flight), num_returns=1)
             group, attempt = in_flight.pop(ready)
-            self._handle(group, attempt, self._outcomes(ray, ready, group), started)
+            self._handle(group, attempt, self._outcomes(ray, ready, group))
         self.seconds = time.time() - started
 
     @staticmethod
@@ -325,7 +327,7 @@ class _ShardRunner:
         except Exception as err:  # noqa: BLE001 - a crashed or failed task: every shard in it is retried
             return [{"ok": False, "error": f"task failed: {type(err).__name__}: {err}", "host": "?"}] * len(group)
 
-    def _handle(self, group: list[Shard], attempt: int, outcomes: list[dict], started: float) -> None:
+    def _handle(self, group: list[Shard], attempt: int, outcomes: list[dict]) -> None:
         retry = []
         for shard, outcome in zip(group, outcomes):
             stats = read_stats(self.cfg.output_dir, shard) if outcome["ok"] else None
@@ -333,7 +335,7 @@ class _ShardRunner:
                 outcome = {**outcome, "error": f"finished on {outcome['host']} but its files are not visible "
                                                f"to the driver: is output_dir on storage every node shares?"}
             if stats is not None:
-                self._log_done(shard, stats, outcome, started)
+                self._log_done(shard, stats, outcome)
             elif attempt < self.cfg.shard_retries:
                 log.warning("shard %s failed (attempt %d), retrying: %s", shard.name, attempt + 1, outcome["error"])
                 retry.append(shard)
@@ -343,16 +345,15 @@ class _ShardRunner:
         if retry:
             self.queue.append((retry, attempt + 1))
 
-    def _log_done(self, shard: Shard, stats: dict, outcome: dict, started: float) -> None:
+    def _log_done(self, shard: Shard, stats: dict, outcome: dict) -> None:
         self.downloaded.append(shard.name)
         self.rows_done += shard.rows
         self.rows_ok += stats["successes"]
         self.shard_seconds += outcome["seconds"]
-        elapsed = max(time.time() - started, 1e-9)
-        log.info("shard %s done on %s in %.1f s: %d/%d downloaded | %d/%d shards, %d/%d rows, %.1f rows/s, "
-                 "%.1f%% ok so far", shard.name, outcome["host"], outcome["seconds"], stats["successes"],
-                 shard.rows, len(self.downloaded), self.total_shards, self.rows_done, self.total_rows,
-                 self.rows_done / elapsed, 100.0 * self.rows_ok / max(self.rows_done, 1))
+        log.info("%s | shard %s done on %s in %.1f s: %d/%d downloaded; %d/%d shards, %.1f%% ok so far",
+                 self.progress.line(self.rows_done), shard.name, outcome["host"], outcome["seconds"],
+                 stats["successes"], shard.rows, len(self.downloaded), self.total_shards,
+                 100.0 * self.rows_ok / max(self.rows_done, 1))
 
 
 # ---------------------------------------------------------------------------------------------

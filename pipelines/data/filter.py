@@ -52,14 +52,21 @@ from pipelines.core import storage
 from pipelines.core.config import ConfigError, from_dict, to_dict
 from pipelines.core.job import Stage
 from pipelines.core.runtime import StageReport
-from pipelines.data.tar_samples import KEY_FIELD, MTIME_FIELD, iter_tar_samples
+from pipelines.data.shards import (
+    KEY_FIELD,
+    MTIME_FIELD,
+    DownloadShards,
+    download_shards,
+    image_bytes,
+    iter_tar_samples,
+    open_rgb,
+)
 
 log = logging.getLogger("latentforge.filter")
 
 REPORT_FILE = "filter_report.json"
 STAGING_PREFIX = ".staging-"  # <output>/.staging-<id>/: one run's shards until the commit
 STAGE_NAME = "filter"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 # Every drop reason, in the order the checks run; a row is counted under the first that fails.
 REASONS = (
@@ -125,7 +132,7 @@ class ClipFilter:
 class FilterResources:
     """How the work is spread; not part of the output's identity (see fingerprint)."""
 
-    num_cpus: float = 0.5  # per scan/write task: fractional, or 2-CPU machines hang (RECIPES.md)
+    num_cpus: float = 0.5  # per scan/write task: fractional, or 2-CPU machines hang (measured on 2 cores)
     clip_actors: int = 1
     clip_num_cpus: float = 0.5
     clip_num_gpus: float = 0.0
@@ -156,24 +163,6 @@ def _require(condition: bool, message: str) -> None:
 
 # ------------------------------------------------------------------------------- inputs
 
-@dataclass(frozen=True)
-class InputShards:
-    finished: tuple[tuple[str, int, int], ...]  # (name, size, mtime_ns), sorted by name
-    unfinished: tuple[str, ...]
-
-
-def list_input_shards(input_dir: str) -> InputShards:
-    """Tars with their `_stats.json` are finished; hidden files (others' temporaries) are ignored."""
-    files = storage.list_files(input_dir)
-    finished, unfinished = [], []
-    for name in (n for n in files if n.endswith(".tar")):
-        if f"{name[:-4]}_stats.json" in files:
-            finished.append((name, files[name].size, files[name].mtime_ns or 0))
-        else:
-            unfinished.append(name)
-    return InputShards(tuple(finished), tuple(unfinished))
-
-
 def check_inputs(cfg: FilterConfig) -> FilterConfig:
     """Driver-side checks before any Ray work; returns the config with absolute local paths."""
     _require(bool(cfg.input_dir), "input_dir is required (the download stage's output folder)")
@@ -193,7 +182,7 @@ def check_inputs(cfg: FilterConfig) -> FilterConfig:
 # --------------------------------------------------------------------------------- tar reading
 
 def iter_samples(uri: str) -> Iterator[dict[str, Any]]:
-    """Samples of one tar in file order (pipelines/data/tar_samples.py); a key that comes back later is
+    """Samples of one tar in file order (pipelines/data/shards.py); a key that comes back later is
     a new sample (decide() drops the repeat)."""
     with storage.open_input(uri) as stream:
         yield from iter_tar_samples(stream)
@@ -236,12 +225,11 @@ def size_check(stored: tuple[int, int], original: tuple[int, int] | None, checks
     return "aspect_ratio" if max(w, h) / min(w, h) > checks.max_aspect else ""
 
 
-def decode_image(data: bytes) -> Image.Image | None:
+def decode_or_none(data: bytes) -> Image.Image | None:
+    """An undecodable image is a dropped row here, not an error."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # truncated files fail here, not on open
-            return img.convert("RGB")
-    except Exception:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
+        return open_rgb(data)
+    except Exception:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
         return None
 
 
@@ -282,13 +270,13 @@ def analyze(sample: dict[str, Any], cfg: FilterConfig) -> dict[str, Any]:
     """One sample -> its record (reason "" = passed the per-row checks)."""
     rec = {"key": sample[KEY_FIELD], "reason": "", "sha256": b"", "dhash": 0, "thumb": b"",
            "width": 0, "height": 0, "clip": float("nan"), "caption": "", "image": b""}
-    image_bytes = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-    if image_bytes is None:
+    encoded = image_bytes(sample)
+    if encoded is None:
         return {**rec, "reason": "missing_image"}
     reason, caption = caption_check(sample.get("txt"), cfg.caption)
     if reason:
         return {**rec, "reason": reason}
-    img = decode_image(image_bytes)
+    img = decode_or_none(encoded)
     if img is None:
         return {**rec, "reason": "undecodable_image"}
     rec.update(width=img.width, height=img.height)
@@ -297,7 +285,7 @@ def analyze(sample: dict[str, Any], cfg: FilterConfig) -> dict[str, Any]:
         return {**rec, "reason": reason}
     rec.update(sha256=pixel_sha256(img), dhash=dhash(img), thumb=color_thumb(img), caption=caption)
     if cfg.clip.enabled:
-        rec["image"] = image_bytes
+        rec["image"] = encoded
     return rec
 
 
@@ -352,7 +340,7 @@ class ClipScorer:
         import torch
 
         h, w = self.size
-        arrays = [np.asarray(ImageOps.fit(decode_image(b), (w, h), Image.Resampling.BICUBIC))
+        arrays = [np.asarray(ImageOps.fit(open_rgb(b), (w, h), Image.Resampling.BICUBIC))
                   for b in images]  # every image here decoded once already in the scan
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, h, w)
         return ((x - self.mean) / self.std).to(self.device)
@@ -525,14 +513,15 @@ def report_path(cfg: FilterConfig) -> str:
     return storage.join(cfg.output_dir, REPORT_FILE)
 
 
-def fingerprint(cfg: FilterConfig, inputs: InputShards) -> str:
+def fingerprint(cfg: FilterConfig, inputs: DownloadShards) -> str:
     """Identity of an output: the input shards (name, size, mtime) and every filter setting;
     resources and force are left out because they do not change which rows are kept."""
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("output_dir", "force", "resources")}
     if cfg.clip.enabled:
         stat = os.stat(cfg.clip.weights)
         settings["clip_weights_file"] = [stat.st_size, stat.st_mtime_ns]
-    blob = json.dumps({"settings": settings, "inputs": inputs.finished}, sort_keys=True)
+    shards = [(s.name, s.size, s.mtime_ns) for s in inputs.finished]
+    blob = json.dumps({"settings": settings, "inputs": shards}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -623,7 +612,7 @@ def run_filter(cfg: FilterConfig) -> StageReport:
     """Scan, decide, write and commit. The caller writes the returned report to report_path(cfg)
     (runtime.finish): that write is the commit marker. ConfigError for bad settings or paths."""
     cfg = check_inputs(cfg)
-    inputs = list_input_shards(cfg.input_dir)
+    inputs = download_shards(cfg.input_dir)
     fp = fingerprint(cfg, inputs)
     old = None if cfg.force else committed_report(cfg, fp)
     if old:
@@ -639,7 +628,7 @@ def run_filter(cfg: FilterConfig) -> StageReport:
         report.fail(f"no finished shards (NNNNN.tar with NNNNN_stats.json) in {cfg.input_dir}")
         return report
     started = time.time()
-    records, damaged = _split_shard_errors(run_scan(cfg, [n for n, _, _ in inputs.finished]))
+    records, damaged = _split_shard_errors(run_scan(cfg, [s.name for s in inputs.finished]))
     scanned = time.time()
     plan = _tally(report, records, decide(records, cfg.dedup))
     report.details["shards_damaged"] = damaged

@@ -34,7 +34,6 @@ Why this shape:
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import struct
@@ -50,16 +49,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.core import storage
-from pipelines.core.config import ConfigError, from_dict, to_dict
+from pipelines.core.config import ConfigError, config_differences, from_dict, to_dict
 from pipelines.core.job import Stage
+from pipelines.core.progress import Progress
 from pipelines.core.runtime import StageReport
 from pipelines.data import schema
-from pipelines.data.tar_samples import KEY_FIELD, iter_tar_samples
+from pipelines.data.shards import KEY_FIELD, image_bytes, iter_tar_samples, list_tar_shards, open_rgb
 
 log = logging.getLogger("latentforge.precompute")
 
 REPORT_FILE = "precompute_report.json"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DTYPES = ("float32", "float16", "bfloat16")
 
 # Columns of the in-flight rows (not the feature format: they never reach a Parquet file).
@@ -138,19 +137,15 @@ class PrecomputeConfig:
 
 def list_input_shards(input_dir: str) -> list[str]:
     """Names of the *.tar files directly in input_dir, sorted: their positions are the shard indices."""
-    if not storage.is_dir(input_dir):
-        raise FileNotFoundError(f"input_dir {input_dir} is not a directory")
-    return list(storage.list_files(input_dir, suffix=".tar"))
+    return [shard.name for shard in list_tar_shards(input_dir)]
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
+def vae_input(data: bytes, size: int) -> np.ndarray:
     """Encoded image -> (3, size, size) float32 in [-1, 1]: short side resized to `size`, center crop.
-    Raises on undecodable bytes (PIL raises several exception types)."""
+    Raises on undecodable bytes."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
-        img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, never below `size`
-        img = img.convert("RGB")
+    img = open_rgb(data, draft_size=size)
     w, h = img.size
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
@@ -175,8 +170,8 @@ def _with_last_flag(items: Iterator) -> Iterator[tuple[Any, bool]]:
 def sample_row(key: str, files: dict[str, bytes], size: int) -> dict[str, Any]:
     """One tar sample -> key, caption, image (3, S, S) and a drop reason ("" when the row is good)."""
     reason, caption, image = "", "", np.zeros((3, size, size), np.float32)
-    image_bytes = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
-    if image_bytes is None:
+    encoded = image_bytes(files)
+    if encoded is None:
         reason = MISSING_IMAGE
     elif "txt" not in files:
         reason = MISSING_CAPTION
@@ -187,7 +182,7 @@ def sample_row(key: str, files: dict[str, bytes], size: int) -> dict[str, Any]:
             reason = BAD_CAPTION
     if not reason:
         try:
-            image = decode_image(image_bytes, size)
+            image = vae_input(encoded, size)
         except Exception:  # noqa: BLE001 - any decoder failure is a dropped row, not a crash
             reason = DECODE_ERROR
     return {schema.KEY: key, schema.CAPTION: caption, IMAGE: image, DROP_REASON: reason}
@@ -368,16 +363,12 @@ def finished_shards(output_dir: str) -> dict[int, dict[str, Any]]:
     return found
 
 
-def _differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
-    return [f"{k}: existing {found.get(k)!r}, config gives {v!r}" for k, v in expected.items() if found.get(k) != v]
-
-
 def check_compatible(spec: dict[str, Any], inputs: list[str], finished: dict[int, dict[str, Any]],
                      output_dir: str) -> None:
     """Raise FeatureMismatchError when existing outputs were made differently (encoders, size, inputs)."""
     problems = []
     for index, provenance in sorted(finished.items()):
-        problems += [f"{schema.shard_name(index)} {d}" for d in _differences(spec, provenance)]
+        problems += [f"{schema.shard_name(index)} {d}" for d in config_differences({k: provenance.get(k) for k in spec}, spec)]
         source = inputs[index] if index < len(inputs) else None
         if provenance.get("source") != source:
             problems.append(f"{schema.shard_name(index)} was made from {provenance.get('source')!r}, "
@@ -389,7 +380,7 @@ def check_compatible(spec: dict[str, Any], inputs: list[str], finished: dict[int
                  "vae_id": manifest.get("vae", {}).get("id"),
                  "text_encoder_id": manifest.get("text_encoder", {}).get("id"),
                  "latent_shape": manifest.get("latent_shape"), "text_shape": manifest.get("text_shape")}
-        problems += [f"{schema.MANIFEST_FILE} {d}" for d in _differences(spec, found)]
+        problems += [f"{schema.MANIFEST_FILE} {d}" for d in config_differences(found, spec)]
     if problems:
         shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise FeatureMismatchError(
@@ -429,9 +420,10 @@ def write_empty_caption(output_dir: str, info: EncoderInfo) -> None:
 class _ShardAssembler:
     """Collects encoded rows per input shard and commits each shard once all its rows have arrived."""
 
-    def __init__(self, output_dir: str, inputs: list[str],
+    def __init__(self, output_dir: str, inputs: list[str], pending: int,
                  prepare: Callable[[], tuple[dict[str, Any], schema.FeatureShapes]]) -> None:
         self.output_dir, self.inputs, self.prepare = output_dir, inputs, prepare
+        self.progress = Progress(pending, "shards")
         self.spec: dict[str, Any] | None = None
         self.shapes: schema.FeatureShapes | None = None
         self.parts: dict[int, list[dict[str, np.ndarray]]] = {}
@@ -482,8 +474,8 @@ class _ShardAssembler:
             pq.write_table(table, stream, **schema.PARQUET_WRITE_OPTIONS)
         self.committed.append({"index": shard, **provenance})
         self.done.add(shard)
-        log.info("committed %s: %d rows (%d dropped) from %s", schema.shard_name(shard), provenance["rows"],
-                 len(reasons) - provenance["rows"], self.inputs[shard])
+        log.info("%s | committed %s: %d rows (%d dropped) from %s", self.progress.line(len(self.committed)),
+                 schema.shard_name(shard), provenance["rows"], len(reasons) - provenance["rows"], self.inputs[shard])
 
     def _table(self, rows: dict[str, np.ndarray], kept: np.ndarray) -> pa.Table:
         if not rows:
@@ -615,7 +607,8 @@ def run_precompute(cfg: PrecomputeConfig) -> StageReport:
              len(inputs) - len(pending))
     # The output is checked when the first encoded batch arrives rather than before the pipeline
     # starts: the probe then loads its models while the actors load theirs (minutes for big models).
-    assembler = _ShardAssembler(cfg.output_dir, inputs, lambda: prepare_output(cfg, ray.get(probe), inputs))
+    assembler = _ShardAssembler(cfg.output_dir, inputs, len(pending),
+                                lambda: prepare_output(cfg, ray.get(probe), inputs))
     timings = run_pending(cfg, assembler, inputs, pending) if pending else {}
     assembler.ready()  # also when nothing was pending: the check and the clean-up still run
     info = ray.get(probe)

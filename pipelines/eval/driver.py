@@ -24,7 +24,7 @@ import numpy as np
 
 from model.samplers import SAMPLER_NAMES, TIMESTEP_SPACINGS, SamplerConfig
 from pipelines.core import storage
-from pipelines.core.config import ConfigError, from_dict, to_dict
+from pipelines.core.config import ConfigError, flatten, from_dict, to_dict
 from pipelines.core.job import Stage
 from pipelines.core.runtime import StageReport
 from pipelines.core.tracking import MLflowSettings, Tracker
@@ -220,22 +220,17 @@ def log_to_mlflow(cfg: EvalConfig, settings: MLflowSettings, index: dict[str, An
     tracker = Tracker.open_child(settings, name, parent_run_id=parent)
     tracker.log_params({"model": cfg.model, "prompts": cfg.prompts, **{f"sampling.{k}": v
                         for k, v in to_dict(cfg.sampling).items()}})
-    tracker.log_metrics(flat_numbers(metrics), step=int(index.get("step", 0)))
+    tracker.log_metrics(numeric_leaves(metrics), step=int(index.get("step", 0)))
     for name in (METRICS_FILE, RESULTS_FILE):
         tracker.log_artifact(storage.join(cfg.out, name))
     tracker.log_artifacts(storage.join(cfg.out, GRIDS_DIR), GRIDS_DIR)
     tracker.finish("FINISHED")
 
 
-def flat_numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Every int/float leaf of a nested dict as 'a.b.c' -> float (MLflow metrics)."""
-    out: dict[str, float] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(flat_numbers(value, f"{prefix}{key}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
-            out[f"{prefix}{key}"] = float(value)
-    return out
+def numeric_leaves(values: dict[str, Any]) -> dict[str, float]:
+    """Every int/float leaf of a nested dict as 'a.b.c' -> float (MLflow metrics); NaN and booleans left out."""
+    return {key: float(value) for key, value in flatten(values).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value}
 
 
 REPORT_FILE = "eval_report.json"

@@ -1,1 +1,3 @@
-"""Generated data for the offline demo and the tests: shapes and captions, the loopback image server, features, the checker."""
+"""Generated data for the offline demo and the tests: shapes and captions, the loopback image server, features,
+the checker.
+"""

@@ -37,8 +37,8 @@ TRIANGLE_MAX_TOP_FRACTION = 0.375
 # (the pixels outside the inscribed circle), filled by the square and empty for the circle. Whichever of
 # the two the blob is nearer to, pixel for pixel, is the one whose corners it matches: more than half
 # of the corner pixels filled -> square. Pixels missing elsewhere (a dent in the middle of a side, which
-# small squares drawn on an 8x8 latent grid often have) are missing from both and decide nothing; the
-# box's overall fill ratio, the rule before, counted them as roundness and read dented squares as circles.
+# small squares drawn on an 8x8 latent grid often have) are missing from both and decide nothing, whereas
+# the box's overall fill ratio would count them as roundness and read dented squares as circles.
 SQUARE_MIN_CORNER_FILL = 0.5
 # Box side as a fraction of the image side: small 0.3, large 0.6, the threshold midway. A box under
 # half the small side has no size we draw; one over midway between large and the whole canvas is no

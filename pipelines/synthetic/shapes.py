@@ -283,9 +283,6 @@ class SyntheticDataset:
     rows: tuple[dict[str, str], ...]
     responses: dict[str, Response] = field(repr=False)
 
-    def rows_planted(self, kind: str) -> list[dict[str, str]]:
-        return [r for r in self.rows if r["planted"] == kind]
-
 
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg"}
 _EXTENSIONS = {"png": "png", "jpeg": "jpg", "jpg": "jpg"}

@@ -1,1 +1,3 @@
-"""U-Net training: config, the Ray Train driver, the per-worker loop, the step, the objective, DeepSpeed, EMA, checkpoints."""
+"""U-Net training: config, the Ray Train driver, the per-worker loop, the step, the objective, DeepSpeed, EMA,
+checkpoints.
+"""

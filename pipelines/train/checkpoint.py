@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from pipelines.core import storage
-from pipelines.core.config import ConfigError
-from pipelines.train.config import fingerprint_differences
+from pipelines.core.config import ConfigError, config_differences
 
 META_FILE = "meta.json"
 DEEPSPEED_DIR = "deepspeed"
@@ -106,7 +105,7 @@ def verify(checkpoint_dir: str, world_size: int, current_fingerprint: dict[str, 
         raise CheckpointError(f"checkpoint {checkpoint_dir} was written by {meta.get('world_size')} workers, this "
                               f"run has {world_size}: ZeRO partitions, EMA shards and the data order depend on it "
                               "(set scaling.num_workers back, or start a new run_name)")
-    changed = fingerprint_differences(meta.get("fingerprint", {}), current_fingerprint)
+    changed = config_differences(meta.get("fingerprint", {}), current_fingerprint)
     if changed:
         raise CheckpointError(f"checkpoint {checkpoint_dir} comes from another config; resuming would not continue "
                               "the same run. Differences:\n  " + "\n  ".join(changed) +

@@ -3,14 +3,13 @@
     cfg, _ = parse_job_args(TrainConfig, "Train the U-Net", argv)
     plan = validate_for_launch(cfg)          # before any cluster work: every check names its key
 
-Batch sizes are derived ONCE (pipelines/deepspeed_config.derive_batch_sizes) from
+Batch sizes are derived ONCE (pipelines/train/deepspeed_config.derive_batch_sizes) from
 `batch.global_batch`, `batch.micro_batch` and `scaling.num_workers`; nothing else stores them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +115,7 @@ class TrainConfig:
     lr: LRSettings = field(default_factory=LRSettings)
     ema: EMASettings = field(default_factory=EMASettings)
     nonfinite: NonFinitePolicy = field(default_factory=NonFinitePolicy)
-    window_shards: int = 8  # loader shuffle window (pipelines/loader.LoaderConfig)
+    window_shards: int = 8  # loader shuffle window (pipelines/data/loader.LoaderConfig)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     max_failures: int = 1  # worker failures recovered from the last checkpoint (Ray Train FailureConfig)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
@@ -156,22 +155,6 @@ def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     values["model"] = {"unet": to_dict(cfg.model.unet_config()), "init_from": cfg.model.init_from,
                        "gradient_checkpointing": cfg.model.gradient_checkpointing}
     return values
-
-
-def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ, as 'key: saved X, now Y' lines."""
-    lines = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            lines += fingerprint_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            lines.append(f"{prefix}{key}: saved {a!r}, now {b!r}")
-    return lines
-
-
-def fingerprint_hash(values: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
     result = run_training(cfg)    # -> TrainResult; raises ConfigError / CheckpointError before training
 
 Everything that can be checked without a GPU is checked here, before a worker starts: the config
-(pipelines/train_config.validate_for_launch) and, when the run already has a checkpoint (a resume by
+(pipelines/train/config.validate_for_launch) and, when the run already has a checkpoint (a resume by
 run name) or checkpoint.resume_from is set, that checkpoint (complete, same config, same world size).
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from pipelines.core import storage
 from pipelines.core.config import flatten, to_dict
-from pipelines.core.ray_train import build_torch_trainer
 from pipelines.core.job import Stage
+from pipelines.core.ray_train import build_torch_trainer
 from pipelines.core.runtime import REPO_ROOT, StageReport
 from pipelines.core.tracking import Tracker
 from pipelines.train import checkpoint

@@ -7,7 +7,7 @@ Randomness: micro-batch m of step s on rank r draws its timesteps, noise and cap
 generator seeded by (seed, r, s, m): a pure function of the position, so a resumed run draws exactly
 what the uninterrupted one drew, with no generator state to carry.
 
-Non-finite losses (the stated policy, see pipelines/train_policy.NonFiniteGuard). Every rank agrees on
+Non-finite losses (the stated policy, see pipelines/train/policy.NonFiniteGuard). Every rank agrees on
 each micro-batch's verdict. A bad micro-batch contributes a zero gradient: its backward runs on a
 zero loss from a clean forward pass, so DeepSpeed's accumulation counter, its gradient reductions and
 ZeRO partitions stay exactly in step on every rank. A step whose micro-batches were ALL bad is skipped

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from model.unet import UNet
 from pipelines.core.config import from_dict
+from pipelines.core.progress import Progress
 from pipelines.core.tracking import MLflowSettings, Tracker
 from pipelines.data.loader import BATCH_TEXT_MASK, BATCH_TEXT_STATES, FeatureLoader, LoaderConfig, load_empty_caption
 from pipelines.inference.draw import EncoderSources, decode_images, draw_latents, encode_prompts, image_grid
@@ -146,7 +147,7 @@ class Worker:
     def train(self) -> None:
         cfg = self.cfg
         stream = self.batch_stream()
-        progress = _Progress(self.start_step, cfg.max_steps, cfg.batch.global_batch)
+        progress = _LogWindow(self.start_step, cfg.max_steps, cfg.batch.global_batch)
         if self.rank == 0:
             self.tracker.start_system_metrics()
             log.info("training steps %d..%d: %d workers x micro batch %d x %d accumulation = global batch %d",
@@ -163,14 +164,13 @@ class Worker:
             if done % cfg.checkpoint.every_steps == 0 or done == cfg.max_steps:
                 self._checkpoint(done)
 
-    def _log(self, done: int, progress: "_Progress") -> None:
+    def _log(self, done: int, progress: "_LogWindow") -> None:
         metrics = progress.window_metrics(self._mean_over_ranks)
         metrics["skipped_steps"] = float(self.guard.total_skipped)
         self.last_stats = metrics
         if self.rank == 0:
-            log.info("step %d/%d loss %.5f lr %.3g grad_norm %.3g %.1f images/s ETA %s", done, self.cfg.max_steps,
-                     metrics["loss"], metrics["lr"], metrics["grad_norm"], metrics["images_per_s"],
-                     progress.eta(done))
+            log.info("%s | loss %.5f lr %.3g grad_norm %.3g %.1f images/s", progress.steps.line(done),
+                     metrics["loss"], metrics["lr"], metrics["grad_norm"], metrics["images_per_s"])
             self.tracker.log_metrics(metrics, step=done)
 
     def _mean_over_ranks(self, values: list[float]) -> float:
@@ -282,12 +282,13 @@ class _PreviewInputs:
         self.vae = vae
 
 
-class _Progress:
-    """Per-window averages for the log line and MLflow, and the ETA."""
+class _LogWindow:
+    """Per-window averages for the log line and MLflow, and the run's progress (count, rate, ETA)."""
 
     def __init__(self, start_step: int, max_steps: int, global_batch: int) -> None:
-        self.start_step, self.max_steps, self.global_batch = start_step, max_steps, global_batch
-        self.started = self.window_start = time.perf_counter()
+        self.steps = Progress(max_steps, "steps", done=start_step)
+        self.global_batch = global_batch
+        self.window_start = time.perf_counter()
         self.window: list[dict[str, float]] = []
 
     def tick(self, stats: dict[str, float]) -> None:
@@ -303,9 +304,3 @@ class _Progress:
                    "skipped_micro_batches": float(sum(s["skipped_micro_batches"] for s in self.window))}
         self.window, self.window_start = [], now
         return metrics
-
-    def eta(self, done: int) -> str:
-        elapsed = time.perf_counter() - self.started
-        per_step = elapsed / max(done - self.start_step, 1)
-        seconds = int(per_step * (self.max_steps - done))
-        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

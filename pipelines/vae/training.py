@@ -60,13 +60,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 
 from pipelines.core import storage
-from pipelines.core.config import ConfigError, flatten, from_dict, to_dict
+from pipelines.core.config import ConfigError, config_differences, flatten, from_dict, to_dict
 from pipelines.core.job import Stage
+from pipelines.core.progress import Progress
 from pipelines.core.ray_train import ScalingSettings, build_torch_trainer
 from pipelines.core.runtime import StageReport
 from pipelines.core.tracking import MLflowSettings, Tracker
 from pipelines.data.precompute import DROP_REASON, IMAGE, VAEConfig, list_input_shards, sample_row
-from pipelines.data.tar_samples import KEY_FIELD, iter_tar_samples
+from pipelines.data.shards import KEY_FIELD, iter_tar_samples
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -175,10 +176,7 @@ def check_inputs(cfg: TrainVAEConfig) -> None:
     """Everything that can be checked before Ray starts. Raises ConfigError naming the key (the job
     exits 2)."""
     _check_settings(cfg)
-    try:
-        shards = list_input_shards(cfg.input_dir)
-    except FileNotFoundError as err:
-        raise ConfigError(f"{err}: point input_dir at the filter stage's output") from None
+    shards = list_input_shards(cfg.input_dir)
     if not shards:
         raise ConfigError(f"input_dir {cfg.input_dir} holds no *.tar shards (run jobs/filter_data.py first)")
     _check_output_dir(cfg.output_dir)
@@ -492,6 +490,7 @@ def _train_steps(w: _Worker, model: Any, vae: "AutoencoderKL", optimizer: Any, s
     stream = ImageStream(cfg.input_dir, list_input_shards(cfg.input_dir), cfg.image_size, w.rank, w.world_size,
                          seed=t.seed + state.step, shuffle_buffer=t.shuffle_buffer)  # a resume reshuffles
     batches, window, started = stream.batches(t.batch_size), _Window(), time.perf_counter()
+    progress = Progress(t.steps, "steps", done=state.step)
     for step in range(state.step, t.steps):
         lr = schedule.apply(optimizer, step)
         loss, rec, kl, anchor = model(torch.from_numpy(next(batches)).to(w.device))
@@ -507,7 +506,7 @@ def _train_steps(w: _Worker, model: Any, vae: "AutoencoderKL", optimizer: Any, s
         last = state.step == t.steps
         if state.step % t.log_every == 0 or last:
             state.metrics = window.metrics(w, lr, guard.total_skipped)
-            _log_progress(w, state)
+            _log_progress(w, state, progress)
         if w.rank == 0 and state.step % t.image_every == 0 and not last:  # the end logs its own grid
             w.tracker.log_image(reconstruction_grid(vae, grid), GRID_KEY, state.step)
         if state.step % t.checkpoint_every == 0 or last:
@@ -516,14 +515,14 @@ def _train_steps(w: _Worker, model: Any, vae: "AutoencoderKL", optimizer: Any, s
     state.train_seconds = time.perf_counter() - started
 
 
-def _log_progress(w: _Worker, state: TrainState) -> None:
+def _log_progress(w: _Worker, state: TrainState, progress: Progress) -> None:
     if w.rank != 0:
         return
     m = state.metrics
     w.tracker.log_metrics(m, state.step)
     anchor = f"  colour anchor {m['color_anchor']:.5f}" if w.cfg.train.color_anchor_weight > 0 else ""
-    log.info("step %d/%d  loss %.5f  recon %.5f  kl %.3f%s  lr %.2e  %.1f images/s", state.step,
-             w.cfg.train.steps, m["loss"], m["recon"], m["kl"], anchor, m["lr"], m["images_per_s"])
+    log.info("%s | loss %.5f  recon %.5f  kl %.3f%s  lr %.2e  %.1f images/s", progress.line(state.step),
+             m["loss"], m["recon"], m["kl"], anchor, m["lr"], m["images_per_s"])
 
 
 def _export(w: _Worker, vae: "AutoencoderKL", state: TrainState) -> dict[str, Any]:
@@ -621,12 +620,12 @@ def check_resume(cfg: TrainVAEConfig) -> str | None:
                           f"{CHECKPOINT_CONFIG_FILE}, so it is not a VAE training checkpoint (another job's run?); "
                           f"choose another run_name or storage_path")
     saved, current = storage.read_json(config_file), to_dict(cfg)
-    model_keys = ("vae", "image_size")
-    if any(saved.get(key) != current[key] for key in model_keys):
-        raise ConfigError(
-            f"run_name {cfg.run_name!r} already has checkpoints in {run_dir} trained with "
-            f"{ {k: saved.get(k) for k in model_keys} }, not { {k: current[k] for k in model_keys} }: choose "
-            f"another run_name (or storage_path) for a new model, or the same settings to resume")
+    model_keys = ("vae", "image_size")  # what makes it another model; the rest may change on a resume
+    changed = config_differences({k: saved.get(k) for k in model_keys}, {k: current[k] for k in model_keys})
+    if changed:
+        raise ConfigError(f"run_name {cfg.run_name!r} already has checkpoints in {run_dir} of another model "
+                          f"({'; '.join(changed)}): choose another run_name (or storage_path) for a new model, "
+                          f"or the same settings to resume")
     log.info("continuing run %s from %s", cfg.run_name, found)
     return found
 
