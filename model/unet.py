@@ -194,16 +194,13 @@ def run_block(block: nn.Module, use_checkpoint: bool, *args: torch.Tensor | None
 
 
 # --------------------------------------------------------------------------------------------
-# Levels: the ResBlocks (+ transformers) at one resolution
+# Levels: the ResBlocks (+ transformers) at one resolution, going down and coming up
 # --------------------------------------------------------------------------------------------
 
 
-class Level(nn.Module):
-    """ResBlocks, each followed by a spatial transformer on attention levels, and an optional
-    resampler. A down level returns every output for the skip connections; an up level takes the
-    skips it consumes (one per ResBlock, in order). Skips travel as return values, never as a list
-    the level mutates: wrappers that copy module inputs (DeepSpeed ZeRO-3's hooks do) would lose
-    the mutation."""
+class _Level(nn.Module):
+    """ResBlocks at one resolution, each followed by a spatial transformer on attention levels, and an
+    optional resampler (Downsample going down, Upsample going up)."""
 
     def __init__(self, cfg: UNetConfig, in_channels: list[int], out_channels: int, heads: int,
                  with_attention: bool, resample: nn.Module | None):
@@ -214,24 +211,46 @@ class Level(nn.Module):
         self.resample = resample
         self.gradient_checkpointing = False
 
+    def _block(self, i: int, x: torch.Tensor, temb_act: torch.Tensor, context: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        x = run_block(self.res[i], self.gradient_checkpointing, x, temb_act)
+        if self.attn:
+            x = run_block(self.attn[i], self.gradient_checkpointing, x, context, mask)
+        return x
+
+
+class DownLevel(_Level):
+    """Returns its output and every intermediate one, for the skip connections of its up twin. Skips
+    travel as return values, never as a list the level mutates: wrappers that copy module inputs
+    (DeepSpeed ZeRO-3's hooks do) would lose the mutation."""
+
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor, context: torch.Tensor,
-                mask: torch.Tensor | None, skips: tuple[torch.Tensor, ...] = ()
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        ckpt, outputs = self.gradient_checkpointing, []
-        for i, res in enumerate(self.res):
-            if skips:
-                x = torch.cat([x, skips[i]], dim=1)  # (B, C + C_skip, H, W)
-            x = run_block(res, ckpt, x, temb_act)
-            if self.attn:
-                x = run_block(self.attn[i], ckpt, x, context, mask)
+                mask: torch.Tensor | None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        outputs = []
+        for i in range(len(self.res)):
+            x = self._block(i, x, temb_act, context, mask)  # (B, C, H, W)
             outputs.append(x)
         if self.resample is not None:
-            x = self.resample(x)
+            x = self.resample(x)  # (B, C, H/2, W/2)
             outputs.append(x)
-        return x, tuple(outputs) if not skips else ()
+        return x, tuple(outputs)
+
+
+class UpLevel(_Level):
+    """Concatenates one skip before each ResBlock (in the order given), then upsamples."""
+
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor, context: torch.Tensor,
+                mask: torch.Tensor | None, skips: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        for i, skip in enumerate(skips):
+            x = self._block(i, torch.cat([x, skip], dim=1), temb_act, context, mask)  # (B, C, H, W)
+        if self.resample is not None:
+            x = self.resample(x)  # (B, C, 2H, 2W)
+        return x
 
 
 class MidBlock(nn.Module):
+    """The bottleneck at the lowest resolution: ResBlock, spatial transformer, ResBlock (as SD)."""
+
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         channels = cfg.block_channels[-1]
@@ -242,7 +261,7 @@ class MidBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor, context: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
         ckpt = self.gradient_checkpointing
-        x = run_block(self.res[0], ckpt, x, temb_act)
+        x = run_block(self.res[0], ckpt, x, temb_act)  # (B, C_last, h/f, w/f)
         x = run_block(self.attn[0], ckpt, x, context, mask)
         return run_block(self.res[1], ckpt, x, temb_act)
 
@@ -252,8 +271,8 @@ def build_down_levels(cfg: UNetConfig) -> nn.ModuleList:
     for i, out_ch in enumerate(cfg.block_channels):
         is_last = i == cfg.num_levels - 1
         ins = [in_ch] + [out_ch] * (cfg.layers_per_block - 1)
-        levels.append(Level(cfg, ins, out_ch, cfg.num_heads[i], cfg.attention_levels[i],
-                            None if is_last else Downsample(out_ch)))
+        levels.append(DownLevel(cfg, ins, out_ch, cfg.num_heads[i], cfg.attention_levels[i],
+                                None if is_last else Downsample(out_ch)))
         in_ch = out_ch
     return nn.ModuleList(levels)
 
@@ -270,8 +289,8 @@ def build_up_levels(cfg: UNetConfig) -> nn.ModuleList:
         n = cfg.layers_per_block + 1
         ins = [(prev_ch if j == 0 else out_ch) + (shallower_ch if j == n - 1 else out_ch) for j in range(n)]
         is_last = i == cfg.num_levels - 1
-        levels.append(Level(cfg, ins, out_ch, cfg.num_heads[down_level], cfg.attention_levels[down_level],
-                            None if is_last else Upsample(out_ch)))
+        levels.append(UpLevel(cfg, ins, out_ch, cfg.num_heads[down_level], cfg.attention_levels[down_level],
+                              None if is_last else Upsample(out_ch)))
         prev_ch = out_ch
     return nn.ModuleList(levels)
 
@@ -282,6 +301,17 @@ def build_up_levels(cfg: UNetConfig) -> nn.ModuleList:
 
 
 class UNet(nn.Module):
+    """eps- or v-prediction from noisy latents x_t, timesteps t and text states (cross-attention context).
+
+    conv_in -> down levels (each keeps its outputs as skips) -> mid block -> up levels (each takes as many
+    skips as it has ResBlocks, deepest first) -> GroupNorm, SiLU, conv_out. The time embedding conditions
+    every ResBlock; the text enters every spatial transformer through cross-attention.
+
+    Weights start from PyTorch's default initialisation (Kaiming-uniform for Conv2d and Linear, GroupNorm
+    and LayerNorm at identity), as diffusers' UNet2DConditionModel does; nothing is zero-initialised.
+    Fine-tuning starts from converted weights instead (model/convert.py, UNet.from_pretrained).
+    """
+
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
@@ -296,7 +326,7 @@ class UNet(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each ResBlock / transformer in backward: less memory, ~30% more compute."""
         for module in self.modules():
-            if isinstance(module, (Level, MidBlock)):
+            if isinstance(module, (_Level, MidBlock)):
                 module.gradient_checkpointing = enabled
 
     def check_inputs(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
@@ -338,7 +368,7 @@ class UNet(nn.Module):
         for level in self.up:
             n = len(level.res)
             taken, skips = tuple(reversed(skips[-n:])), skips[:-n]
-            x, _ = level(x, temb_act, context, mask, taken)
+            x = level(x, temb_act, context, mask, taken)
         return self.out_conv(F.silu(self.out_norm(x)))  # (B, C_out, h, w)
 
     # ---- persistence ----------------------------------------------------------------------

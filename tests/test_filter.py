@@ -314,7 +314,7 @@ def test_job_exit_codes_and_report(raw, tmp_path, ray_local):
     assert bad.returncode == 2 and "clip.weights" in bad.stderr
     out = tmp_path / "out"
     proc = run("--set", f"input_dir={raw_dir}", "--set", f"output_dir={out}",
-               "--set", "caption.min_chars=900", "--set", "resources.num_cpus=0.25")
+               "--set", "caption.min_chars=900", "--set", "compute.num_cpus=0.25")
     assert proc.returncode == 1, proc.stderr[-3000:]
     report = json.loads((out / REPORT_FILE).read_text())
     assert not report["ok"] and "no rows left" in report["error"]

@@ -49,6 +49,7 @@ import pyarrow.fs as pafs
 from PIL import Image, ImageOps
 
 from pipelines.core import storage
+from pipelines.core.compute import ActorPool
 from pipelines.core.config import ConfigError, from_dict, to_dict
 from pipelines.core.job import Stage
 from pipelines.core.runtime import StageReport
@@ -129,19 +130,14 @@ class ClipFilter:
 
 
 @dataclass(frozen=True)
-class FilterResources:
+class FilterCompute:
     """How the work is spread; not part of the output's identity (see fingerprint)."""
 
     num_cpus: float = 0.5  # per scan/write task: fractional, or 2-CPU machines hang (measured on 2 cores)
-    clip_actors: int = 1
-    clip_num_cpus: float = 0.5
-    clip_num_gpus: float = 0.0
-    clip_batch_size: int = 64
+    clip: ActorPool = field(default_factory=lambda: ActorPool(batch_size=64))  # the CLIP scorer, when enabled
 
     def __post_init__(self) -> None:
-        _require(self.num_cpus > 0 and self.clip_num_cpus > 0, "resources: num_cpus must be > 0")
-        _require(self.clip_actors >= 1 and self.clip_batch_size >= 1,
-                 "resources: clip_actors and clip_batch_size must be >= 1")
+        _require(self.num_cpus > 0, "compute.num_cpus must be > 0")
 
 
 @dataclass(frozen=True)
@@ -153,7 +149,7 @@ class FilterConfig:
     caption: CaptionChecks = field(default_factory=CaptionChecks)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     clip: ClipFilter = field(default_factory=ClipFilter)
-    resources: FilterResources = field(default_factory=FilterResources)
+    compute: FilterCompute = field(default_factory=FilterCompute)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -326,7 +322,7 @@ class ClipScorer:
 
         config = from_dict(FilterConfig, cfg)
         self.min_similarity = config.clip.min_similarity
-        use_gpu = config.resources.clip_num_gpus > 0 and torch.cuda.is_available()
+        use_gpu = config.compute.clip.num_gpus_per_actor > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = create_open_clip(config.clip.model, config.clip.weights).eval().to(self.device)
         self.tokenizer = open_clip.get_tokenizer(_open_clip_name(config.clip.model))
@@ -373,15 +369,15 @@ class ClipScorer:
 def run_scan(cfg: FilterConfig, names: list[str]) -> pa.Table:
     import ray
 
-    res = cfg.resources
+    pool = cfg.compute.clip
     ds = ray.data.from_items([{"name": n} for n in names], override_num_blocks=len(names))
     ds = ds.map_batches(scan_shards, fn_kwargs={"cfg": to_dict(cfg)}, batch_size=1,
-                        batch_format="numpy", num_cpus=res.num_cpus)
+                        batch_format="numpy", num_cpus=cfg.compute.num_cpus)
     if cfg.clip.enabled:
         ds = ds.map_batches(ClipScorer, fn_constructor_kwargs={"cfg": to_dict(cfg)},
-                            batch_size=res.clip_batch_size, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=res.clip_actors),
-                            num_cpus=res.clip_num_cpus, num_gpus=res.clip_num_gpus)
+                            batch_size=pool.batch_size, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=pool.actors),
+                            num_cpus=pool.num_cpus_per_actor, num_gpus=pool.num_gpus_per_actor)
     tables = [t for t in ray.get(list(ds.to_arrow_refs())) if t.num_rows]
     columns = [name for name, _ in _RECORD_FIELDS]  # without the CLIP-only columns
     if not tables:
@@ -503,7 +499,7 @@ def run_write(cfg: FilterConfig, plan: dict[str, list[int]], staging: str) -> di
     items = [{"name": name, "keep": keep} for name, keep in sorted(plan.items())]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(write_shards, fn_kwargs={"cfg": to_dict(cfg), "staging": staging},
-                        batch_size=1, batch_format="numpy", num_cpus=cfg.resources.num_cpus)
+                        batch_size=1, batch_format="numpy", num_cpus=cfg.compute.num_cpus)
     return {row["name"]: int(row["rows"]) for row in ds.take_all()}
 
 
@@ -515,8 +511,8 @@ def report_path(cfg: FilterConfig) -> str:
 
 def fingerprint(cfg: FilterConfig, inputs: DownloadShards) -> str:
     """Identity of an output: the input shards (name, size, mtime) and every filter setting;
-    resources and force are left out because they do not change which rows are kept."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("output_dir", "force", "resources")}
+    compute and force are left out because they do not change which rows are kept."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("output_dir", "force", "compute")}
     if cfg.clip.enabled:
         stat = os.stat(cfg.clip.weights)
         settings["clip_weights_file"] = [stat.st_size, stat.st_mtime_ns]

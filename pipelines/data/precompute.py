@@ -49,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.core import storage
+from pipelines.core.compute import ActorPool
 from pipelines.core.config import ConfigError, config_differences, from_dict, to_dict
 from pipelines.core.job import Stage
 from pipelines.core.progress import Progress
@@ -94,10 +95,9 @@ class TextEncoderConfig:
 
 
 @dataclass(frozen=True)
-class ComputeConfig:
-    actors: int = 1  # encoder actor pool size (one model load each)
-    num_gpus_per_actor: float = 0.0  # > 0 runs the encoders on CUDA
-    num_cpus_per_actor: float = 0.5  # fractional on small machines: whole CPUs starve the readers
+class PrecomputeCompute(ActorPool):
+    """The encoder actor pool, plus the read/decode tasks that feed it."""
+
     read_num_cpus: float = 0.5  # per read/decode task
     read_concurrency: int = 2  # input shards read at once (bounds the driver's buffered shards)
     batch_size: int = 32  # rows per encoder call (and per decoded chunk)
@@ -111,7 +111,7 @@ class PrecomputeConfig:
     image_size: int = 64  # training resolution: resize the short side, then center-crop
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    compute: PrecomputeCompute = field(default_factory=PrecomputeCompute)
     ray_num_cpus: int | None = None  # CPUs of an embedded local Ray (ignored when joining a cluster)
 
     def validate(self) -> None:
@@ -123,8 +123,8 @@ class PrecomputeConfig:
         c = self.compute
         if c.dtype not in DTYPES:
             raise ConfigError(f"compute.dtype must be one of {DTYPES}, got {c.dtype!r}")
-        if c.actors < 1 or c.batch_size < 1 or c.read_concurrency < 1:
-            raise ConfigError("compute.actors, compute.batch_size and compute.read_concurrency must be >= 1")
+        if c.read_concurrency < 1 or c.read_num_cpus <= 0:
+            raise ConfigError("compute.read_concurrency must be >= 1 and compute.read_num_cpus > 0")
         if self.vae.source != "tiny" and not storage.is_uri(self.vae.source) and not Path(self.vae.source).is_dir():
             raise ConfigError(f"vae.source: {self.vae.source!r} is neither 'tiny' nor a local diffusers directory")
         if self.text.weights and not Path(self.text.weights).expanduser().is_file():

@@ -24,6 +24,7 @@ import numpy as np
 
 from model.samplers import SAMPLER_NAMES, TIMESTEP_SPACINGS, SamplerConfig
 from pipelines.core import storage
+from pipelines.core.compute import ActorPool
 from pipelines.core.config import ConfigError, flatten, from_dict, to_dict
 from pipelines.core.job import Stage
 from pipelines.core.runtime import StageReport
@@ -51,9 +52,7 @@ class SamplingSettings:
 
 
 @dataclass(frozen=True)
-class EvalCompute:
-    actors: int = 1  # one model load each
-    num_gpus_per_actor: float = 0.0
+class SamplerPool(ActorPool):
     num_cpus_per_actor: float = 1.0
     batch_size: int = 16  # images per sampler call
 
@@ -73,7 +72,7 @@ class EvalConfig:
     out: str = ""
     seed: int = 0  # seed of prompts that carry none: seed + their row number
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    compute: EvalCompute = field(default_factory=EvalCompute)
+    compute: SamplerPool = field(default_factory=SamplerPool)
     metrics: MetricSettings = field(default_factory=MetricSettings)
     grid_images: int = 36  # at most this many images per guidance grid
     mlflow: MLflowSettings = field(default_factory=MLflowSettings)
@@ -93,8 +92,8 @@ class EvalConfig:
             raise ConfigError("sampling.guidance_scales must list at least one value")
         for g in s.guidance_scales:
             s.sampler_config(g)  # validates steps and each guidance value
-        if s.images_per_prompt < 1 or self.compute.actors < 1 or self.compute.batch_size < 1:
-            raise ConfigError("sampling.images_per_prompt, compute.actors and compute.batch_size must be >= 1")
+        if s.images_per_prompt < 1:
+            raise ConfigError("sampling.images_per_prompt must be >= 1")
         for key in ("clip_weights", "fid_weights"):
             path = getattr(self.metrics, key)
             if path and not Path(path).is_file():
