@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 
 from pipelines.core.job import run_job
-from pipelines.vae.training import STAGE
+from pipelines.vae.driver import STAGE
 
 
 def main(argv: list[str] | None = None) -> int:

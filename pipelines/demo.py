@@ -213,7 +213,7 @@ class Demo:
         from pipelines.eval.driver import METRICS_FILE
         from pipelines.eval.outputs import guidance_key
         from pipelines.train import driver as training
-        from pipelines.vae import training as vae_training
+        from pipelines.vae import model as vae_model
 
         metrics = self._report(f"eval/{METRICS_FILE}") or {}
         key = guidance_key(self.cfg.guidance)
@@ -232,7 +232,7 @@ class Demo:
             "stage_reports": {
                 "download": self._report(f"raw/{download.REPORT_FILE}"),
                 "filter": self._report(f"filtered/{filter_stage.REPORT_FILE}"),
-                "train_vae": self._report(f"vae/{vae_training.REPORT_FILE}"),
+                "train_vae": self._report(f"vae/{vae_model.REPORT_FILE}"),
                 "precompute": self._report(f"features/{precompute.REPORT_FILE}"),
                 "train_unet": train,
                 "sample_eval": {k: metrics.get(k) for k in ("images", "prompts", "sampler", "steps", "timing")},

@@ -22,7 +22,10 @@ from pipelines.core.config import from_dict
 from pipelines.core.job import run_stage
 from pipelines.data.precompute import vae_input
 from pipelines.synthetic.shapes import caption_for, encode_image, render, training_attributes
-from pipelines.vae.training import REPORT_FILE, STAGE, ImageStream, TrainVAEConfig
+from pipelines.vae.config import TrainVAEConfig
+from pipelines.vae.data import ImageStream
+from pipelines.vae.driver import STAGE
+from pipelines.vae.model import REPORT_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "train_vae.py"

@@ -1,0 +1,231 @@
+"""The per-worker training loop (runs inside Ray Train workers): steps, logging, checkpoints, export by rank 0."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipelines.core import storage
+from pipelines.core.config import from_dict, to_dict
+from pipelines.core.progress import Progress
+from pipelines.core.tracking import Tracker
+from pipelines.data.precompute import list_input_shards
+from pipelines.vae.config import TrainVAEConfig
+from pipelines.vae.data import ImageStream, first_images
+from pipelines.vae.model import export_vae, latent_statistics, load_trainable_vae, reconstruction_grid, vae_loss_module
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+    from diffusers import AutoencoderKL
+
+log = logging.getLogger("latentforge.train_vae")
+
+CHECKPOINT_FILE = "state.pt"  # weights, optimizer, TrainState
+CHECKPOINT_CONFIG_FILE = "config.json"  # the config the checkpoint was trained with (small: the driver reads it)
+GRID_KEY = "reconstructions"  # MLflow image key (no '/')
+EXPORT_ARTIFACT_PATH = "vae"
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint carries besides weights and optimizer, and what the report says."""
+
+    step: int = 0
+    images_seen: int = 0
+    start_step: int = 0  # where this attempt began (> 0 after a resume)
+    train_seconds: float = 0.0  # this attempt's time in the step loop
+    metrics: dict[str, float] = field(default_factory=dict)  # the last logged ones
+    guard: dict[str, int] = field(default_factory=lambda: {"total_skipped": 0, "consecutive": 0})
+
+
+@dataclass(frozen=True)
+class _Worker:
+    """The fixed parts of one worker's loop."""
+
+    cfg: TrainVAEConfig
+    rank: int
+    world_size: int
+    device: Any  # torch.device
+    tracker: Tracker  # inactive on ranks > 0
+
+
+def _restore(vae: "AutoencoderKL", cfg: TrainVAEConfig) -> tuple[TrainState, dict | None]:
+    """Load the latest checkpoint of this run into `vae` (the driver checked that it was trained with
+    this vae and image_size: check_resume); -> (state, optimizer state or None)."""
+    import ray.train
+    import torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainState(), None
+    with checkpoint.as_directory() as directory:
+        saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    vae.load_state_dict(saved["model"])
+    state = TrainState(**saved["state"])
+    log.info("resuming run %s at step %d (%d images seen)", cfg.run_name, state.step, state.images_seen)
+    return dataclasses.replace(state, start_step=state.step, train_seconds=0.0), saved["optimizer"]
+
+
+def _save_checkpoint(w: _Worker, vae: "AutoencoderKL", optimizer: Any, state: TrainState) -> None:
+    """Every rank reports (the call is a barrier); rank 0 attaches the checkpoint."""
+    import ray.train
+    import torch
+
+    metrics = {"step": state.step, "images_seen": state.images_seen, **state.metrics}
+    if w.rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save({"model": vae.state_dict(), "optimizer": optimizer.state_dict(),
+                    "state": dataclasses.asdict(state)}, Path(directory) / CHECKPOINT_FILE)
+        storage.write_json(str(Path(directory) / CHECKPOINT_CONFIG_FILE), to_dict(w.cfg))  # for check_resume
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+class _Window:
+    """Loss sums since the last log line, averaged over ranks when logged."""
+
+    def __init__(self) -> None:
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.sums, self.steps, self.started = [0.0, 0.0, 0.0, 0.0], 0, now
+
+    def add(self, loss: Any, rec: Any, kl: Any, anchor: Any) -> None:
+        self.steps += 1
+        for i, value in enumerate((loss, rec, kl, anchor)):
+            self.sums[i] += float(value)
+
+    def metrics(self, w: _Worker, lr: float, skipped: int) -> dict[str, float]:
+        import torch
+
+        now = time.perf_counter()
+        totals = torch.tensor([*self.sums, self.steps], dtype=torch.float64)
+        if w.world_size > 1:  # all ranks log at the same steps, so this collective lines up
+            gloo_or_nccl = totals.to(w.device)
+            torch.distributed.all_reduce(gloo_or_nccl)
+            totals = gloo_or_nccl.cpu()
+        loss, rec, kl, anchor, finite = totals.tolist()
+        images = self.steps * w.cfg.train.batch_size * w.world_size
+        out = {"loss": loss / max(finite, 1), "recon": rec / max(finite, 1), "kl": kl / max(finite, 1),
+               "color_anchor": anchor / max(finite, 1),
+               "lr": lr, "images_per_s": images / max(now - self.started, 1e-9), "skipped_steps": skipped}
+        self.reset(now)
+        return out
+
+
+def _train_steps(w: _Worker, model: Any, vae: "AutoencoderKL", optimizer: Any, state: TrainState,
+                 grid: "torch.Tensor | None") -> None:
+    """Steps state.step .. train.steps: LR schedule, non-finite guard, logging, grids, checkpoints."""
+    import torch
+
+    from pipelines.train.policy import LRSchedule, NonFiniteGuard, NonFinitePolicy
+
+    t = w.cfg.train
+    schedule = LRSchedule(t.lr, t.warmup_steps, t.steps, t.lr_schedule)
+    guard = NonFiniteGuard(NonFinitePolicy(t.max_nonfinite_steps))
+    guard.load_state_dict(state.guard)
+    cfg = w.cfg
+    stream = ImageStream(cfg.input_dir, list_input_shards(cfg.input_dir), cfg.image_size, w.rank, w.world_size,
+                         seed=t.seed + state.step, shuffle_buffer=t.shuffle_buffer)  # a resume reshuffles
+    batches, window, started = stream.batches(t.batch_size), _Window(), time.perf_counter()
+    progress = Progress(t.steps, "steps", done=state.step)
+    for step in range(state.step, t.steps):
+        lr = schedule.apply(optimizer, step)
+        loss, rec, kl, anchor = model(torch.from_numpy(next(batches)).to(w.device))
+        if guard.check(loss, step):  # same decision on every rank, so DDP's all-reduce lines up
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(vae.parameters(), t.grad_clip)
+            optimizer.step()
+            window.add(loss.detach(), rec, kl, anchor)
+        state.step, state.images_seen = step + 1, state.images_seen + t.batch_size * w.world_size
+        state.guard = guard.state_dict()
+        last = state.step == t.steps
+        if state.step % t.log_every == 0 or last:
+            state.metrics = window.metrics(w, lr, guard.total_skipped)
+            _log_progress(w, state, progress)
+        if w.rank == 0 and state.step % t.image_every == 0 and not last:  # the end logs its own grid
+            w.tracker.log_image(reconstruction_grid(vae, grid), GRID_KEY, state.step)
+        if state.step % t.checkpoint_every == 0 or last:
+            state.train_seconds = time.perf_counter() - started
+            _save_checkpoint(w, vae, optimizer, state)
+    state.train_seconds = time.perf_counter() - started
+
+
+def _log_progress(w: _Worker, state: TrainState, progress: Progress) -> None:
+    if w.rank != 0:
+        return
+    m = state.metrics
+    w.tracker.log_metrics(m, state.step)
+    anchor = f"  colour anchor {m['color_anchor']:.5f}" if w.cfg.train.color_anchor_weight > 0 else ""
+    log.info("%s | loss %.5f  recon %.5f  kl %.3f%s  lr %.2e  %.1f images/s", progress.line(state.step),
+             m["loss"], m["recon"], m["kl"], anchor, m["lr"], m["images_per_s"])
+
+
+def _export(w: _Worker, vae: "AutoencoderKL", state: TrainState) -> dict[str, Any]:
+    """Rank 0 after training: final grid, scaling factor, export, MLflow artifacts; -> the report."""
+    import torch
+
+    cfg, t = w.cfg, w.cfg.train
+    sample = first_images(cfg.input_dir, list_input_shards(cfg.input_dir), cfg.image_size,
+                          max(cfg.scaling_factor_images, t.grid_images))
+    grid = torch.from_numpy(sample[:t.grid_images]).to(w.device)
+    w.tracker.log_image(reconstruction_grid(vae, grid), GRID_KEY, state.step)
+    stats = latent_statistics(vae, sample[:cfg.scaling_factor_images], t.batch_size, t.seed)
+    seconds = state.train_seconds
+    report = {
+        "stage": "train_vae", "ok": True, "run_name": cfg.run_name, "mlflow_run_id": w.tracker.run_id,
+        "steps": state.step, "start_step": state.start_step, "images_seen": state.images_seen,
+        "final": state.metrics, "skipped_steps": state.guard["total_skipped"],
+        "images_per_second": (state.step - state.start_step) * t.batch_size * w.world_size / seconds
+        if seconds > 0 else None,
+        "train_seconds": round(seconds, 3), "scaling_images": min(len(sample), cfg.scaling_factor_images),
+        **stats, "config": to_dict(cfg),
+    }
+    export_vae(vae, cfg.output_dir, stats["scaling_factor"], report)
+    w.tracker.log_metrics(stats, state.step)
+    w.tracker.log_artifacts(cfg.output_dir, EXPORT_ARTIFACT_PATH)
+    return report
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point. config: {"cfg": to_dict(TrainVAEConfig) resolved by the driver,
+    "run_id": the MLflow run id or None}."""
+    import ray.train
+    import torch
+    from ray.train.torch import get_device, prepare_model
+
+    from pipelines.core.runtime import setup_logging
+
+    setup_logging()
+    cfg = from_dict(TrainVAEConfig, config["cfg"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    w = _Worker(cfg, rank, world_size, get_device(),
+                Tracker.attach(cfg.mlflow, config["run_id"] if rank == 0 else None))
+    vae = load_trainable_vae(cfg.vae.source, cfg.vae.seed)  # same seeded init on every rank
+    state, optimizer_state = _restore(vae, cfg)
+    model = prepare_model(vae_loss_module(vae, cfg.train))  # DDP when world > 1
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    torch.manual_seed(cfg.train.seed * 100_003 + rank * 1_009 + state.step)  # posterior noise per rank
+    grid = None
+    if rank == 0:  # the same images in every grid of the run, so the grids show progress
+        grid = torch.from_numpy(first_images(cfg.input_dir, list_input_shards(cfg.input_dir), cfg.image_size,
+                                             cfg.train.grid_images)).to(w.device)
+        w.tracker.start_system_metrics()
+    try:
+        _train_steps(w, model, vae, optimizer, state, grid)
+        if rank == 0:
+            report = _export(w, vae, state)
+            log.info("exported the VAE to %s (scaling factor %.5f)", cfg.output_dir, report["scaling_factor"])
+    finally:
+        w.tracker.stop_system_metrics()
