@@ -1,4 +1,4 @@
-# Quick start: `make demo` (the whole pipeline, offline, ~15 min on 2 cores) and `make test`.
+# Quick start: `make demo` (the whole pipeline, offline, 15-20 min on 2 cores) and `make test`.
 # Both install into .venv first when needed.
 
 PYTHON ?= python3.11

@@ -23,14 +23,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Generic, TypeVar
 
 from pipelines.core.config import ConfigError, parse_job_args
-from pipelines.core.runtime import StageReport, finish, init_ray, setup_logging
+from pipelines.core.runtime import EXIT_BAD_INPUT, StageReport, finish, init_ray, setup_logging
 
 log = logging.getLogger("latentforge")
 
 C = TypeVar("C")
-
-EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-
 
 def _no_check(cfg: C) -> C:
     return cfg

@@ -16,6 +16,8 @@ log = logging.getLogger("latentforge")
 
 # The repository (or installed tree) root: model/, pipelines/, jobs/, infra/ below it.
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# A job's exit status: done; the stage failed (its report says why); bad config or input (one line, nothing done).
+EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -80,6 +82,6 @@ def finish(report: StageReport, path: str | os.PathLike) -> int:
     summary = f"{report.stage}: {report.rows_in} in, {report.rows_out} out, dropped {report.dropped or 0}"
     if report.ok:
         log.info("%s; report: %s", summary, path)
-        return 0
+        return EXIT_DONE
     log.error("%s; FAILED: %s; report: %s", summary, report.error, path)
-    return 1
+    return EXIT_FAILED
