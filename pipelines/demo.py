@@ -212,13 +212,13 @@ class Demo:
         from pipelines.data import filter as filter_stage
         from pipelines.eval.driver import METRICS_FILE
         from pipelines.eval.outputs import guidance_key
-        from pipelines.train import driver as training
+        from pipelines.train import driver as unet_driver
         from pipelines.vae import model as vae_model
 
         metrics = self._report(f"eval/{METRICS_FILE}") or {}
         key = guidance_key(self.cfg.guidance)
         accuracy = metrics.get("synthetic_accuracy", {}).get(key, {})
-        train = self._report(f"runs/{RUN_NAME}/{training.REPORT_FILE}") or {}
+        train = self._report(f"runs/{RUN_NAME}/{unet_driver.REPORT_FILE}") or {}
         db = self.path("mlflow.db")
         summary = {
             "ok": True, "seconds": round(seconds, 1), "stage_seconds": self.timings,

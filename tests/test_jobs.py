@@ -85,3 +85,10 @@ def test_run_stage_exit_statuses_and_reports(tmp_path, caplog):
     assert run_stage(_stage(bad_input), cfg) == 2
     assert not Path(report_file).exists(), "bad input is refused with one line, before any report"
     assert "unit: bad config or input: input_dir /x holds no shards" in caplog.text
+
+
+def test_train_unet_refuses_a_missing_feature_folder_before_ray_starts(tmp_path):
+    run = _job("train_unet", ["--config", str(REPO / "configs/tiny-cpu.yaml"),
+                              "--set", f"features_dir={tmp_path / 'no-features'}"], tmp_path)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr[-3000:]
+    assert "no-features" in run.stderr and "ray" not in run.stderr.lower()

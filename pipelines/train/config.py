@@ -122,9 +122,6 @@ class TrainConfig:
     samples: SamplePreviewSettings = field(default_factory=SamplePreviewSettings)
     mlflow: MLflowSettings = field(default_factory=MLflowSettings)
 
-    def run_dir(self) -> str:
-        return storage.join(self.storage_path, self.run_name)
-
     def lr_schedule(self) -> LRSchedule:
         return LRSchedule(base_lr=self.deepspeed.adamw.lr, warmup_steps=self.lr.warmup_steps,
                           total_steps=self.max_steps, kind=self.lr.kind, min_lr_ratio=self.lr.min_lr_ratio)

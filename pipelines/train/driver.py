@@ -48,9 +48,15 @@ class TrainResult:
     seconds: float
 
 
-def check_existing_checkpoint(cfg: TrainConfig, run_dir: str) -> str | None:
+def run_dir(cfg: TrainConfig) -> str:
+    """<storage_path>/<run_name>, absolute: checkpoints, the export and the report (Ray Train refuses a relative
+    storage path)."""
+    return storage.join(storage.absolute(cfg.storage_path), cfg.run_name)
+
+
+def check_existing_checkpoint(cfg: TrainConfig) -> str | None:
     """The checkpoint this launch will continue from (verified), or None for a fresh start."""
-    found = checkpoint.latest_checkpoint(run_dir) or cfg.checkpoint.resume_from
+    found = checkpoint.latest_checkpoint(run_dir(cfg)) or cfg.checkpoint.resume_from
     if found:
         checkpoint.verify(found, cfg.scaling.num_workers, fingerprint(cfg))
     return found
@@ -61,7 +67,7 @@ def run_tags(cfg: TrainConfig, plan: LaunchPlan) -> dict[str, str]:
 
     manifest = json.dumps(plan.manifest.to_dict(), sort_keys=True).encode()
     tags = {"git_commit": _git_commit(), "dataset_manifest_sha256": hashlib.sha256(manifest).hexdigest(),
-            "features_dir": plan.features_dir, "run_dir": storage.join(plan.storage_path, cfg.run_name)}
+            "features_dir": plan.features_dir, "run_dir": run_dir(cfg)}
     for package in _VERSIONED:
         try:
             tags[f"version.{package}"] = version(package)
@@ -89,14 +95,14 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
     started = time.time()
     plan = validate_for_launch(cfg)
-    run_dir = storage.join(plan.storage_path, cfg.run_name)
-    resumed_from = check_existing_checkpoint(cfg, run_dir)
+    resumed_from = check_existing_checkpoint(cfg)
+    directory = run_dir(cfg)
     if resumed_from:
         log.info("continuing run %s from checkpoint %s", cfg.run_name, resumed_from)
     tracker = Tracker.open(cfg.mlflow, cfg.run_name, tags=run_tags(cfg, plan))
     tracker.log_params(flatten(to_dict(cfg)))
     tracker.log_dict(to_dict(cfg), "config.json")
-    launch = Launch(features_dir=plan.features_dir, run_dir=run_dir, micro_batch=plan.micro_batch,
+    launch = Launch(features_dir=plan.features_dir, run_dir=directory, micro_batch=plan.micro_batch,
                     grad_accum_steps=plan.grad_accum_steps, mlflow=to_dict(tracker.settings),
                     mlflow_run_id=tracker.run_id)
     try:
@@ -104,10 +110,10 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     except Exception as err:
         tracker.finish("FAILED")
         raise TrainingError(f"training run {cfg.run_name} failed: {err}") from err
-    export_dir = storage.join(run_dir, EXPORT_DIR)
+    export_dir = storage.join(directory, EXPORT_DIR)
     publish_model(tracker, export_dir, cfg.mlflow.registered_model)
     metrics = result.metrics or {}
-    outcome = TrainResult(run_dir=run_dir, export_dir=export_dir, steps=int(metrics.get("step", cfg.max_steps)),
+    outcome = TrainResult(run_dir=directory, export_dir=export_dir, steps=int(metrics.get("step", cfg.max_steps)),
                           final_loss=metrics.get("loss"), mlflow_run_id=tracker.run_id, resumed_from=resumed_from,
                           seconds=round(time.time() - started, 1))
     tracker.finish("FINISHED")
@@ -138,7 +144,15 @@ def _download(uri: str, into: Path) -> str:
 
 
 def report_path(cfg: TrainConfig) -> str:
-    return storage.join(storage.absolute(cfg.storage_path), cfg.run_name, REPORT_FILE)
+    return storage.join(run_dir(cfg), REPORT_FILE)
+
+
+def _checked(cfg: TrainConfig) -> TrainConfig:
+    """The launch checks (config, features manifest, an existing checkpoint) before Ray starts. run_training
+    repeats them, since it is also called on its own; they are a few small reads."""
+    validate_for_launch(cfg)
+    check_existing_checkpoint(cfg)
+    return cfg
 
 
 def run_train_unet(cfg: TrainConfig) -> StageReport:
@@ -148,4 +162,4 @@ def run_train_unet(cfg: TrainConfig) -> StageReport:
     return StageReport("train_unet", details=asdict(result))
 
 
-STAGE = Stage("train_unet", TrainConfig, run=run_train_unet, report_path=report_path)
+STAGE = Stage("train_unet", TrainConfig, run=run_train_unet, report_path=report_path, check=_checked)
