@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 
 from pipelines.core.job import run_job
-from pipelines.data.filter import STAGE
+from pipelines.data.filter.driver import STAGE
 
 
 def main(argv: list[str] | None = None) -> int:

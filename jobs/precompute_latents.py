@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 
 from pipelines.core.job import run_job
-from pipelines.data.precompute import STAGE
+from pipelines.data.precompute.driver import STAGE
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -208,8 +208,9 @@ class Demo:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def summarize(self, seconds: float) -> dict[str, Any]:
-        from pipelines.data import download, precompute
-        from pipelines.data import filter as filter_stage
+        from pipelines.data import download
+        from pipelines.data.filter import config as filter_config
+        from pipelines.data.precompute import config as precompute_config
         from pipelines.eval.driver import METRICS_FILE
         from pipelines.eval.outputs import guidance_key
         from pipelines.train import driver as unet_driver
@@ -231,9 +232,9 @@ class Demo:
             "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000",
             "stage_reports": {
                 "download": self._report(f"raw/{download.REPORT_FILE}"),
-                "filter": self._report(f"filtered/{filter_stage.REPORT_FILE}"),
+                "filter": self._report(f"filtered/{filter_config.REPORT_FILE}"),
                 "train_vae": self._report(f"vae/{vae_model.REPORT_FILE}"),
-                "precompute": self._report(f"features/{precompute.REPORT_FILE}"),
+                "precompute": self._report(f"features/{precompute_config.REPORT_FILE}"),
                 "train_unet": train,
                 "sample_eval": {k: metrics.get(k) for k in ("images", "prompts", "sampler", "steps", "timing")},
             },

@@ -31,9 +31,9 @@ from pipelines.data import schema
 from pipelines.data.download import REPORT_FILE as DOWNLOAD_REPORT
 from pipelines.data.download import STAGE as DOWNLOAD
 from pipelines.data.download import DownloadConfig, failure_reason
-from pipelines.data.filter import REPORT_FILE as FILTER_REPORT
-from pipelines.data.filter import STAGE as FILTER
-from pipelines.data.filter import FilterConfig
+from pipelines.data.filter.config import REPORT_FILE as FILTER_REPORT
+from pipelines.data.filter.config import FilterConfig
+from pipelines.data.filter.driver import STAGE as FILTER
 from pipelines.data.loader import (
     BATCH_CAPTIONS,
     BATCH_KEYS,
@@ -45,9 +45,9 @@ from pipelines.data.loader import (
     check_manifest_matches,
     load_empty_caption,
 )
-from pipelines.data.precompute import REPORT_FILE as PRECOMPUTE_REPORT
-from pipelines.data.precompute import STAGE as PRECOMPUTE
-from pipelines.data.precompute import PrecomputeConfig
+from pipelines.data.precompute.config import REPORT_FILE as PRECOMPUTE_REPORT
+from pipelines.data.precompute.config import PrecomputeConfig
+from pipelines.data.precompute.driver import STAGE as PRECOMPUTE
 from pipelines.synthetic.shapes import PLANTED_KINDS, PlantedCounts, SyntheticConfig, build_dataset, training_attributes
 from pipelines.synthetic.web import SyntheticServer, write_url_list
 

@@ -18,24 +18,18 @@ from PIL import Image, ImageDraw
 
 from pipelines.core.config import ConfigError, from_dict, to_dict
 from pipelines.core.runtime import finish
-from pipelines.data.filter import (
+from pipelines.data.filter.config import (
     REPORT_FILE,
     CaptionChecks,
-    ClipScorer,
     FilterConfig,
     ImageChecks,
-    NearDuplicateIndex,
-    caption_check,
     check_inputs,
-    color_thumb,
-    decide,
-    decode_or_none,
-    dhash,
     report_path,
-    run_filter,
-    scan_shards,
-    size_check,
 )
+from pipelines.data.filter.dedup import NearDuplicateIndex, decide
+from pipelines.data.filter.driver import run_filter
+from pipelines.data.filter.rows import caption_check, color_thumb, decode_or_none, dhash, size_check
+from pipelines.data.filter.scan import ClipScorer, scan_shards
 
 REPO = Path(__file__).resolve().parents[1]
 

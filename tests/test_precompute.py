@@ -23,7 +23,11 @@ from PIL import Image
 from pipelines.core.config import from_dict
 from pipelines.core.runtime import finish
 from pipelines.data import schema
-from pipelines.data.precompute import (
+from pipelines.data.precompute.config import PrecomputeConfig, report_path
+from pipelines.data.precompute.driver import run_precompute
+from pipelines.data.precompute.encode import EncoderActor, non_finite_reasons
+from pipelines.data.precompute.output import FeatureMismatchError
+from pipelines.data.precompute.rows import (
     DECODE_ERROR,
     DROP_REASON,
     IMAGE,
@@ -31,13 +35,7 @@ from pipelines.data.precompute import (
     MISSING_IMAGE,
     NON_FINITE_LATENTS,
     ORDINAL,
-    EncoderActor,
-    FeatureMismatchError,
-    PrecomputeConfig,
-    non_finite_reasons,
     read_and_decode,
-    report_path,
-    run_precompute,
     vae_input,
 )
 

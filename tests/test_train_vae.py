@@ -20,7 +20,7 @@ import torch
 
 from pipelines.core.config import from_dict
 from pipelines.core.job import run_stage
-from pipelines.data.precompute import vae_input
+from pipelines.data.precompute.rows import vae_input
 from pipelines.synthetic.shapes import caption_for, encode_image, render, training_attributes
 from pipelines.vae.config import TrainVAEConfig
 from pipelines.vae.data import ImageStream

@@ -103,3 +103,8 @@ def download_shards(input_dir: str) -> DownloadShards:
     tars, names = _tars(input_dir)
     done = [t for t in tars if f"{t.name[:-len('.tar')]}_stats.json" in names]
     return DownloadShards(tuple(done), tuple(t.name for t in tars if t not in done))
+
+
+def tar_shard_names(input_dir: str) -> list[str]:
+    """Names of list_tar_shards(input_dir): their positions are the shard indices downstream."""
+    return [shard.name for shard in list_tar_shards(input_dir)]

@@ -18,14 +18,9 @@ import pyarrow.parquet as pq
 from pipelines.core import storage
 from pipelines.core.config import to_dict
 from pipelines.data import schema
-from pipelines.data.precompute import (
-    PrecomputeConfig,
-    build_manifest,
-    encode_batch,
-    load_encoders,
-    probe_encoders,
-    write_empty_caption,
-)
+from pipelines.data.precompute.config import PrecomputeConfig
+from pipelines.data.precompute.encode import encode_batch, load_encoders, probe_encoders
+from pipelines.data.precompute.output import build_manifest, write_empty_caption
 from pipelines.synthetic.shapes import caption_for, render, training_attributes
 
 

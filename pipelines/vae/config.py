@@ -10,7 +10,8 @@ from pipelines.core import storage
 from pipelines.core.config import ConfigError
 from pipelines.core.ray_train import ScalingSettings
 from pipelines.core.tracking import MLflowSettings
-from pipelines.data.precompute import VAEConfig, list_input_shards
+from pipelines.data.precompute.config import VAEConfig
+from pipelines.data.shards import tar_shard_names
 
 LOSSES = ("l1", "l2")
 
@@ -104,7 +105,7 @@ def check_inputs(cfg: TrainVAEConfig) -> None:
     """Everything that can be checked before Ray starts. Raises ConfigError naming the key (the job
     exits 2)."""
     _check_settings(cfg)
-    shards = list_input_shards(cfg.input_dir)
+    shards = tar_shard_names(cfg.input_dir)
     if not shards:
         raise ConfigError(f"input_dir {cfg.input_dir} holds no *.tar shards (run jobs/filter_data.py first)")
     _check_output_dir(cfg.output_dir)

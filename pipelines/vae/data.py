@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from pipelines.core import storage
-from pipelines.data.precompute import DROP_REASON, IMAGE, sample_row
+from pipelines.data.precompute.rows import DROP_REASON, IMAGE, sample_row
 from pipelines.data.shards import KEY_FIELD, iter_tar_samples
 
 

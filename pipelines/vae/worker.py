@@ -14,7 +14,7 @@ from pipelines.core import storage
 from pipelines.core.config import from_dict, to_dict
 from pipelines.core.progress import Progress
 from pipelines.core.tracking import Tracker
-from pipelines.data.precompute import list_input_shards
+from pipelines.data.shards import tar_shard_names
 from pipelines.vae.config import TrainVAEConfig
 from pipelines.vae.data import ImageStream, first_images
 from pipelines.vae.model import export_vae, latent_statistics, load_trainable_vae, reconstruction_grid, vae_loss_module
@@ -131,7 +131,7 @@ def _train_steps(w: _Worker, model: Any, vae: "AutoencoderKL", optimizer: Any, s
     guard = NonFiniteGuard(NonFinitePolicy(t.max_nonfinite_steps))
     guard.load_state_dict(state.guard)
     cfg = w.cfg
-    stream = ImageStream(cfg.input_dir, list_input_shards(cfg.input_dir), cfg.image_size, w.rank, w.world_size,
+    stream = ImageStream(cfg.input_dir, tar_shard_names(cfg.input_dir), cfg.image_size, w.rank, w.world_size,
                          seed=t.seed + state.step, shuffle_buffer=t.shuffle_buffer)  # a resume reshuffles
     batches, window, started = stream.batches(t.batch_size), _Window(), time.perf_counter()
     progress = Progress(t.steps, "steps", done=state.step)
@@ -174,7 +174,7 @@ def _export(w: _Worker, vae: "AutoencoderKL", state: TrainState) -> dict[str, An
     import torch
 
     cfg, t = w.cfg, w.cfg.train
-    sample = first_images(cfg.input_dir, list_input_shards(cfg.input_dir), cfg.image_size,
+    sample = first_images(cfg.input_dir, tar_shard_names(cfg.input_dir), cfg.image_size,
                           max(cfg.scaling_factor_images, t.grid_images))
     grid = torch.from_numpy(sample[:t.grid_images]).to(w.device)
     w.tracker.log_image(reconstruction_grid(vae, grid), GRID_KEY, state.step)
@@ -219,7 +219,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed * 100_003 + rank * 1_009 + state.step)  # posterior noise per rank
     grid = None
     if rank == 0:  # the same images in every grid of the run, so the grids show progress
-        grid = torch.from_numpy(first_images(cfg.input_dir, list_input_shards(cfg.input_dir), cfg.image_size,
+        grid = torch.from_numpy(first_images(cfg.input_dir, tar_shard_names(cfg.input_dir), cfg.image_size,
                                              cfg.train.grid_images)).to(w.device)
         w.tracker.start_system_metrics()
     try:
