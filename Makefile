@@ -46,6 +46,7 @@ bench: install
 	$(PY) -m bench.unet_step --preset tiny
 	$(PY) -m bench.unet_step --preset small --batch 2 --steps 6
 	$(PY) -m bench.train_throughput --preset tiny --batch 32
+	$(PY) -m bench.gpu_train --device cpu --preset tiny --res 64 --batch 4 --phases flops,eager,channels_last,mask,checkpointing,job --out $${TMPDIR:-/tmp}/bench-gpu-train-cpu.json
 
 # Re-pin constraints.txt to what is installed now (after a deliberate upgrade).
 constraints: install

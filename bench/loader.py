@@ -93,6 +93,7 @@ def make_unet_step(preset: str, batch: dict, device: str) -> Callable[[], float]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     schedule = NoiseSchedule().to(device)
     x0, states, mask = (batch[k].to(device) for k in (BATCH_LATENTS, BATCH_TEXT_STATES, BATCH_TEXT_MASK))
+    states = states.float()  # stored float16; the model computes in float32 here
 
     def step() -> float:
         start = time.perf_counter()

@@ -24,6 +24,11 @@ class UNetConfig:
     layers_per_block: int = 2
     transformer_depth: int = 1  # transformer blocks inside each spatial transformer
     context_dim: int = 768  # width of the text encoder's token states
+    # Mask padding tokens out of cross-attention (UNet.forward's context_mask). False, as Stable Diffusion
+    # trains and samples: every token of the context is attended to, padding included, and the mask given
+    # to the model is ignored, because SDPA's flash kernel takes no mask and any mask sends every
+    # cross-attention call to the slower memory-efficient kernel.
+    text_mask: bool = False
     norm_groups: int = 32
     norm_eps: float = 1e-5
     # SD 2 projects in/out of the transformer with Linear layers, SD 1 with 1x1 convs.
@@ -71,6 +76,9 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "UNetConfig":
+        """Read a saved config (config.json). One without text_mask was saved by a U-Net that always masked
+        the padding, so it reads as text_mask=True: the weights keep the attention they were trained with."""
+        values = {"text_mask": True, **values}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -90,6 +98,9 @@ PRESETS: dict[str, UNetConfig] = {
         num_heads=(4, 4, 4),
         layers_per_block=1,
         context_dim=64,  # the tiny open_clip text tower's width (model/encoders.py)
+        # Masked, unlike SD: the offline demo's accuracy figures (docs/benchmarks.md) were measured with the
+        # mask, and its text states (layer "embeddings") are mostly caption-free padding (~10 tokens of 77 used).
+        text_mask=True,
         sample_size=16,
     ),
     # Mid-size (SD 2 style, head dim 64): benchmarks and quick GPU experiments at 32x32 latents.

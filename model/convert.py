@@ -7,6 +7,8 @@ Covers the SD 1.x family (1x1-conv projections, fixed head count) and the SD 2.x
 projections, fixed head width), in any size: the structure is read from diffusers' config.json.
 Our model fuses q/k/v (self-attention) and k/v (cross-attention) and always projects tokens with
 Linear layers, so conversion concatenates / splits those weights and reshapes 1x1 convs.
+SD attends to every text token, padding included: converted models read text_mask=False, and a model
+with text_mask=True is refused, since a diffusers config cannot state the padding mask.
 """
 
 from __future__ import annotations
@@ -183,10 +185,13 @@ def config_from_diffusers(dc: dict) -> UNetConfig:
         norm_eps=dc.get("norm_eps", 1e-5),
         linear_projection=bool(dc.get("use_linear_projection", False)),
         sample_size=dc.get("sample_size") or 64,
+        text_mask=False,  # SD trains and samples without a padding mask
     )
 
 
 def config_to_diffusers(cfg: UNetConfig) -> dict:
+    """The UNet2DConditionModel config of the same architecture. text_mask is runtime behaviour, not
+    architecture: exporting a model refuses it (convert_to_diffusers), an unmasked twin may ignore it."""
     if cfg.time_embed_mult != 4:
         raise ConversionError(f"diffusers fixes the time embedding at 4x; this config has {cfg.time_embed_mult}")
     return {
@@ -242,10 +247,20 @@ def convert_to_diffusers(src_dir: str | Path, out_dir: str | Path) -> None:
     from safetensors.torch import save_file
 
     model = UNet.from_pretrained(src_dir)
+    if model.cfg.text_mask:
+        # UNet2DConditionModel masks only when each call passes encoder_attention_mask, which SD pipelines
+        # never do: exported as is, the model would attend to padding it was trained without.
+        raise ConversionError(
+            "text_mask=True: this U-Net masks padding tokens out of cross-attention, which diffusers' "
+            "UNet2DConditionModel config cannot express (SD pipelines attend to every token). Convert a model "
+            "trained with text_mask=false, or set text_mask to false in its config.json knowing that it then "
+            "attends to padding it was not trained on"
+        )
+    config = config_to_diffusers(model.cfg)  # before writing: a refused config leaves nothing behind
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(to_diffusers_state(model.state_dict(), model.cfg), out / DIFFUSERS_WEIGHTS)
-    (out / DIFFUSERS_CONFIG).write_text(json.dumps(config_to_diffusers(model.cfg), indent=2))
+    (out / DIFFUSERS_CONFIG).write_text(json.dumps(config, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

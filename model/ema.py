@@ -13,8 +13,8 @@ leave a long tail in the average. The warm-up keeps the average from being domin
 initial value when training is short (the same rule diffusers and many SD trainers use).
 
 `update` and `copy_to` accept either an `nn.Module` or an iterable of `(name, tensor)` pairs, so a
-caller that owns the parameters in another form (for example ZeRO-3 gathered shards) can feed them
-in without this module knowing about DeepSpeed.
+caller that owns the parameters in another form (for example the fp32 master fragments a ZeRO rank
+owns) can feed them in without this module knowing about DeepSpeed.
 """
 
 from __future__ import annotations
@@ -103,7 +103,9 @@ class EMA:
         shadow = self._shadow_list(names)
         # Cast/move once so _foreach_lerp_ sees matching dtype and device pairs.
         current = [p.detach().to(s.device, torch.float32) for (_, p), s in zip(params, shadow)]
-        if decay == 0.0:
+        if not shadow:
+            pass  # nothing to average (a ZeRO rank that owns no master fragment); _foreach_* refuse empty lists
+        elif decay == 0.0:
             torch._foreach_copy_(shadow, current)
         else:
             # lerp_(x, w): s += w * (x - s)  ==  decay * s + (1 - decay) * x

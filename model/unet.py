@@ -353,11 +353,14 @@ class UNet(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x_t (B, C, h, w), t (B,), context (B, L, D), context_mask (B, L) bool, True = real token
-        (every row needs at least one). Returns the prediction, (B, C, h, w)."""
+        (every row needs at least one; used only when cfg.text_mask). Returns the prediction, (B, C, h, w)."""
         self.check_inputs(x_t, t, context, context_mask)
         t = t.reshape(-1).expand(x_t.shape[0])
         temb_act = F.silu(self.time_embed(t, x_t.dtype))  # (B, T)
-        mask = None if context_mask is None else context_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
+        # The config decides, not the caller, so training, sampling and previews attend alike. Without a
+        # mask SDPA may pick its flash kernel, which takes none (UNetConfig.text_mask).
+        use_mask = self.cfg.text_mask and context_mask is not None
+        mask = context_mask.bool()[:, None, None, :] if use_mask else None  # (B, 1, 1, L)
 
         x = self.conv_in(x_t)  # (B, C0, h, w)
         skips = [x]  # a stack: the up path takes from the top, deepest first

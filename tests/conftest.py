@@ -50,6 +50,31 @@ def _seed():
 
 
 @pytest.fixture(scope="session")
+def _gloo_group():
+    """One one-rank gloo process group for the whole session. DeepSpeed keeps the group it first sees
+    (deepspeed.comm, deepspeed.utils.groups), so a group destroyed and made again would leave it stale."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield port
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def gloo_world_of_one(_gloo_group, monkeypatch):
+    """The session's one-rank gloo group, with the launcher variables DeepSpeed reads set for this test only
+    (outside a launcher DeepSpeed reads them, or falls back to mpi4py and fails)."""
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_gloo_group), "RANK": "0",
+                       "WORLD_SIZE": "1", "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One real local Ray for the whole test session (started on first use, 2 CPUs, no dashboard), private
     through pytest_configure's environment."""

@@ -1,5 +1,6 @@
 """Weights convert between diffusers' UNet2DConditionModel and ours, exactly."""
 
+import dataclasses
 import json
 
 import diffusers
@@ -11,6 +12,7 @@ from model.convert import (
     ConversionError,
     config_from_diffusers,
     config_to_diffusers,
+    convert_to_diffusers,
     from_diffusers_state,
     main,
     to_diffusers_state,
@@ -67,12 +69,15 @@ def test_converted_model_matches_diffusers(config):
     ours = UNet(cfg).eval()
     ours.load_state_dict(from_diffusers_state(theirs.state_dict(), cfg))
     x, t, context, mask = model_inputs(cfg.context_dim)
+    masking = UNet(dataclasses.replace(cfg, text_mask=True)).eval()
+    masking.load_state_dict(ours.state_dict())
     with torch.no_grad():
         expected = theirs(x, t, context).sample
         assert expected.abs().mean() > 0.02  # a real signal, not near-zero outputs
         assert (ours(x, t, context) - expected).abs().max() < TOLERANCE
+        assert torch.equal(ours(x, t, context, mask), ours(x, t, context))  # as SD: the padding is attended
         expected_masked = theirs(x, t, context, encoder_attention_mask=mask.float()).sample
-        assert (ours(x, t, context, mask) - expected_masked).abs().max() < TOLERANCE
+        assert (masking(x, t, context, mask) - expected_masked).abs().max() < TOLERANCE
 
 
 @pytest.mark.parametrize("config", [SD1_STYLE, SD2_STYLE], ids=["sd1-style", "sd2-style"])
@@ -94,6 +99,18 @@ def test_published_sd_configs_read_as_our_presets(config, preset):
 def test_config_writes_back_for_diffusers():
     cfg = PRESETS["sd2-base"]
     assert config_from_diffusers(config_to_diffusers(cfg)) == cfg
+
+
+@pytest.mark.parametrize("config", [SD1_STYLE, SD2_STYLE, SD15_CONFIG], ids=["sd1-style", "sd2-style", "sd15"])
+def test_converted_configs_attend_to_padding(config):
+    assert config_from_diffusers(config).text_mask is False
+
+
+def test_a_padding_mask_is_refused_for_diffusers(micro_cfg, tmp_path):
+    UNet(dataclasses.replace(micro_cfg, text_mask=True)).save_pretrained(tmp_path / "ours")
+    with pytest.raises(ConversionError, match="text_mask"):
+        convert_to_diffusers(tmp_path / "ours", tmp_path / "back")
+    assert not (tmp_path / "back").exists()
 
 
 def test_missing_and_unknown_keys_are_listed():
@@ -126,6 +143,21 @@ def test_command_line_both_ways(tmp_path, capsys):
         assert (ours(x, t, context) - expected).abs().max() < TOLERANCE
         assert torch.equal(back(x, t, context).sample, expected)
     assert "converted" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["text_mask"] is False
+
+
+def test_command_line_refuses_a_model_saved_without_text_mask(tmp_path, capsys):
+    """A config.json from before the option reads as text_mask=True (it was trained masked): refused."""
+    theirs = random_diffusers_unet(SD1_STYLE)
+    theirs.save_pretrained(tmp_path / "diffusers")
+    assert main(["from-diffusers", str(tmp_path / "diffusers"), str(tmp_path / "ours")]) == 0
+    config_file = tmp_path / "ours" / "config.json"
+    config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items()
+                                       if k != "text_mask"}))
+    assert UNet.from_pretrained(tmp_path / "ours").cfg.text_mask
+    assert main(["to-diffusers", str(tmp_path / "ours"), str(tmp_path / "back")]) == 2
+    assert "text_mask" in capsys.readouterr().err
+    assert not (tmp_path / "back").exists()  # nothing half-written
 
 
 def test_command_line_reports_missing_weights(tmp_path, capsys):

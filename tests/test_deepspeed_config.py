@@ -8,7 +8,6 @@ pointing at a dead one.
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
@@ -102,28 +101,6 @@ def test_derive_batch_sizes_not_divisible():
 # --- real deepspeed.initialize, one process, world size 1 over gloo ---------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def gloo_world_of_one():
-    import torch.distributed as dist
-
-    with pytest.MonkeyPatch.context() as mp:
-        # Outside a launcher DeepSpeed reads these, or falls back to mpi4py and fails.
-        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
-                           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}.items():
-            mp.setenv(key, value)
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
-
-
 def _snapshot(engine) -> list[torch.Tensor]:
     import deepspeed
 
@@ -165,3 +142,32 @@ def test_deepspeed_trains_each_stage(gloo_world_of_one, stage, offload):
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0], losses  # same batch, 3 AdamW steps: the fit improves
     assert all(not torch.equal(b, a) for b, a in zip(before, after))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_accumulates_gradients_in_fp32(gloo_world_of_one, stage):
+    """16 micro-batch gradients summed in bf16 keep 8 mantissa bits: the sum of many small gradients
+    loses most of them. The config asks for fp32 accumulation, and every ZeRO stage trains with it."""
+    import deepspeed
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    micro, accum = derive_batch_sizes(global_batch=16, world_size=1, micro_batch=4)
+    settings = DeepSpeedSettings(zero_stage=stage, precision="bf16", adamw=AdamWSettings(lr=1e-2))
+    config = build_deepspeed_config(settings, micro, accum, world_size=1)
+    assert config["data_types"] == {"grad_accum_dtype": "fp32"}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    assert engine.get_data_types() == (torch.bfloat16, torch.float32)
+    before = _snapshot(engine)
+    for _ in range(accum):
+        x, y = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 1, dtype=torch.bfloat16)
+        engine.backward(torch.nn.functional.mse_loss(engine(x).float(), y.float()))
+        engine.step()
+    assert engine.global_steps == 1
+    assert all(torch.isfinite(p).all() and not torch.equal(b, p) for b, p in zip(before, _snapshot(engine)))
+
+
+def test_fp32_runs_have_no_accumulation_dtype_to_set():
+    micro, accum = derive_batch_sizes(global_batch=16, world_size=1, micro_batch=4)
+    config = build_deepspeed_config(DeepSpeedSettings(precision="fp32"), micro, accum, world_size=1)
+    assert "data_types" not in config

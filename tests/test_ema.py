@@ -129,3 +129,10 @@ def test_named_parameter_iterable_and_cpu_shadow():
     assert ema.shadow["a"].item() == pytest.approx(3.0)
     with pytest.raises(KeyError, match="no shadow"):
         ema.update([("c", torch.zeros(1))], step=4)
+
+
+def test_update_with_nothing_to_average():
+    # A ZeRO rank may own no fp32 master fragment at all: its EMA is empty but still follows the steps.
+    ema = EMA([], EMAConfig(max_decay=0.9))
+    assert ema.update([], step=3) == pytest.approx(min(0.9, 4 / 13))
+    assert ema.shadow == {} and ema.last_step == 3

@@ -164,11 +164,11 @@ def test_text_states_and_mask_follow_the_stored_length(tmp_path):
     rows = write_features(tmp_path, [10])
     batch = FeatureLoader(tmp_path, LoaderConfig(batch_size=10, with_text=True)).batch(0, 0)
     assert batch[BATCH_TEXT_MASK].dtype == torch.bool and batch[BATCH_TEXT_MASK].shape == (10, SHAPES.text[0])
-    assert batch[BATCH_TEXT_STATES].dtype == torch.float32
+    assert batch[BATCH_TEXT_STATES].dtype == torch.float16  # as stored: converted on the training device
     for i, key in enumerate(batch[BATCH_KEYS]):
         _, states, length = rows[key]
         assert batch[BATCH_TEXT_MASK][i].tolist() == [j < length for j in range(SHAPES.text[0])]
-        assert torch.equal(batch[BATCH_TEXT_STATES][i], torch.from_numpy(states).float())
+        assert torch.equal(batch[BATCH_TEXT_STATES][i], torch.from_numpy(states))
     assert batch[BATCH_CAPTIONS][0] == f"caption of {batch[BATCH_KEYS][0]}"
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import pathlib
+import re
+import tempfile
 import types
 import uuid
 
@@ -133,3 +136,42 @@ def test_object_stores_get_one_put_of_the_whole_file(memory_root, monkeypatch):
 ])
 def test_which_filesystems_count_as_object_stores(type_name, object_store):
     assert storage.is_object_store(types.SimpleNamespace(type_name=type_name)) == object_store
+
+
+def _tree(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", ["memory", "file"])
+def test_local_dir_fetches_a_uri_folder_into_a_temporary_copy_and_removes_it(kind, memory_root, tmp_path,
+                                                                             monkeypatch):
+    """What DeepSpeed's load_checkpoint and UNet.from_pretrained get for a URI: a local copy of the folder
+    (nested files included, under the folder's own name), gone after the with-block."""
+    source = tmp_path / "source" / "step_000000006"
+    (source / "sub").mkdir(parents=True)
+    (source / "a.bin").write_bytes(b"\x00\x01")
+    (source / "sub" / "b.json").write_text("{}")
+    root = memory_root if kind == "memory" else f"file://{tmp_path}/remote"
+    for name, data in _tree(source).items():
+        storage.write_bytes(storage.join(root, "step_000000006", name), data)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the temporary copy goes
+    with storage.local_dir(storage.join(root, "step_000000006") + "/") as local:
+        assert os.path.isabs(local) and os.path.basename(local) == "step_000000006"
+        assert str(scratch) in local and _tree(pathlib.Path(local)) == _tree(source)
+    assert os.listdir(scratch) == []
+    with pytest.raises(FileNotFoundError, match=re.escape(storage.join(root, "nowhere"))):
+        with storage.local_dir(storage.join(root, "nowhere")):
+            pass
+    assert os.listdir(scratch) == []
+
+
+def test_local_dir_hands_a_local_path_over_as_it_is(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    with storage.local_dir("ckpt") as local:
+        assert local == str(tmp_path / "ckpt")  # absolute, nothing copied
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        with storage.local_dir("nowhere"):
+            pass

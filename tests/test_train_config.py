@@ -1,6 +1,7 @@
 """The training config: shipped YAML files, fingerprints, driver-side validation; the tracker; the export format.
 No Ray here (fast)."""
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def test_validation_names_the_key(tmp_path):
         load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml", ["deepspeed.precision=fp8"])
     with pytest.raises(ConfigError, match="max_steps"):
         validate_for_launch(load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml", ["max_steps=0"]))
+    with pytest.raises(ConfigError, match="model.compile: 'inductr' is not a torch.compile backend"):
+        validate_for_launch(load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml", ["model.compile=inductr"]))
 
 
 # ------------------------------------------------------------------------------- tracker
@@ -142,3 +145,78 @@ def test_export_round_trip_and_incomplete_directory(tmp_path):
     (out / INDEX_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="not an exported model"):
         load_exported(out)
+
+
+# ------------------------------------------------------------------------------- init_from / resume_from at URIs
+
+
+@pytest.fixture
+def memory_root():
+    """A fresh folder on fsspec's memory:// filesystem: a location that is no local path (as s3:// is not)."""
+    import uuid
+
+    from pipelines.core import storage
+
+    root = f"memory://test-train-config-{uuid.uuid4().hex}"
+    yield root
+    storage.remove_dir(root)
+
+
+def _upload(local_dir: Path, location: str) -> None:
+    from pipelines.core import storage
+
+    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        storage.write_bytes(storage.join(location, path.relative_to(local_dir).as_posix()), path.read_bytes())
+
+
+def test_init_from_reads_a_saved_unet_at_a_uri(memory_root, tmp_path, micro_cfg):
+    from model.unet import UNet
+    from pipelines.train.checkpoint import pretrained_weights
+    from pipelines.train.config import ModelSettings
+
+    saved = UNet(micro_cfg)
+    saved.save_pretrained(tmp_path / "unet")
+    location = f"{memory_root}/runs/phase-1/export/unet"
+    _upload(tmp_path / "unet", location)
+    settings = ModelSettings(preset="sd2-base", init_from=location, overrides={"sample_size": 16})
+    assert settings.unet_config() == dataclasses.replace(micro_cfg, sample_size=16)  # its config, then overrides
+    weights = pretrained_weights(location)  # what each worker loads into its U-Net
+    assert weights.keys() == saved.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in saved.state_dict().items())
+
+
+def test_init_from_and_resume_from_at_uris_are_checked_before_launch(memory_root, tmp_path, micro_cfg):
+    import re
+
+    from model.unet import UNet
+    from pipelines.core import storage
+
+    def launch(*overrides):
+        return validate_for_launch(load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml", list(overrides)))
+
+    missing = f"{memory_root}/nowhere"
+    with pytest.raises(ConfigError, match=re.escape(f"model.init_from: {missing}/config.json not found")) as err:
+        launch(f"model.init_from={missing}")
+    assert "\n" not in str(err.value)
+    UNet(micro_cfg).save_pretrained(tmp_path / "unet")
+    location = f"{memory_root}/export/unet"
+    _upload(tmp_path / "unet", location)
+    storage.remove(f"{location}/model.safetensors")  # an interrupted copy: the config without the weights
+    with pytest.raises(ConfigError, match=re.escape(f"model.init_from: {location}/model.safetensors not found")):
+        launch(f"model.init_from={location}")
+    with pytest.raises(ConfigError, match=re.escape(f"checkpoint.resume_from: {missing} does not exist")):
+        launch(f"checkpoint.resume_from={missing}")
+
+
+def test_phase_2_starts_from_the_export_phase_1_writes():
+    """sd2-base-512 reads model.init_from where sd2-base-256 exports: <storage_path>/<run_name>/export/unet."""
+    from pipelines.core import storage
+    from pipelines.inference.export import UNET_DIR
+    from pipelines.train.driver import run_dir
+    from pipelines.train.worker import EXPORT_DIR
+
+    phase_1 = load_config(TrainConfig, CONFIGS / "sd2-base-256.yaml")
+    phase_2 = load_config(TrainConfig, CONFIGS / "sd2-base-512.yaml")
+    assert storage.is_uri(phase_1.storage_path) and phase_2.storage_path == phase_1.storage_path
+    assert phase_2.model.init_from == storage.join(run_dir(phase_1), EXPORT_DIR, UNET_DIR)
+    assert phase_2.model.init_from == "s3://YOUR-BUCKET/runs/sd2-base-256/export/unet"

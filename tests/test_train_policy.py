@@ -145,8 +145,8 @@ def test_guard_rejects_bad_state():
         g.load_state_dict({"total_skipped": 0, "consecutive": -1})
 
 
-def test_all_ranks_finite_without_distributed():
-    assert not torch.distributed.is_initialized()
+def test_all_ranks_finite_on_one_process():
+    """Local verdicts, whether or not the session's one-rank gloo group (tests/conftest.py) exists yet."""
     assert all_ranks_finite(OK) is True
     assert all_ranks_finite(1.25) is True
     assert all_ranks_finite(NAN) is False

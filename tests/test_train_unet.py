@@ -100,6 +100,33 @@ def test_resume_by_run_name_gives_bit_identical_losses_and_weights(work, ref, sp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_from_a_uri_continues_exactly(work, ref):
+    """checkpoint.resume_from as a URI (file:// here; s3:// goes through the same pyarrow filesystem code):
+    every worker fetches DeepSpeed's files to a local temporary copy, and the new run continues ref's."""
+    step_6 = next(p for p in Path(ref.run_dir).glob("checkpoint_*") if checkpoint.read_meta(str(p))["step"] == 6)
+    result = run_training(make_cfg(work, "from-uri", f"checkpoint.resume_from=file://{step_6}"))
+    assert result.resumed_from == f"file://{step_6}"
+    ours, theirs = losses(work, result.mlflow_run_id), losses(work, ref.mlflow_run_id)
+    assert sorted(ours) == list(range(7, STEPS + 1)) and all(ours[s] == theirs[s] for s in ours)
+    a, b = exported_weights(ref), exported_weights(result)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_from_a_uri_starts_from_that_export(work, ref):
+    """model.init_from as a URI (phase 2 reading phase 1's <storage_path>/<run>/export/unet on s3://): checked
+    on the driver, fetched by every worker. After one AdamW step (|update| <= lr per weight; the EMA only
+    copies before ema.start_step) the export is within lr of ref's, far from a fresh initialisation."""
+    from model.unet import UNet
+
+    result = run_training(make_cfg(work, "init-uri", f"model.init_from=file://{ref.export_dir}/unet", "max_steps=1"))
+    start, after = exported_weights(ref), exported_weights(result)
+    lr = make_cfg(work, "x").deepspeed.adamw.lr
+    assert after.keys() == start.keys()
+    assert max((after[k] - start[k]).abs().max().item() for k in start) <= lr * 1.01
+    fresh = UNet(make_cfg(work, "x").model.unet_config()).state_dict()
+    assert max((fresh[k] - start[k]).abs().max().item() for k in start) > 10 * lr
+
+
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list) -> None:
     import psutil
 

@@ -1,8 +1,12 @@
+import dataclasses
+import json
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.config import PRESETS, UNetConfig
-from model.unet import UNet, timestep_embedding
+from model.unet import Attention, UNet, timestep_embedding
 
 
 def count(model: torch.nn.Module) -> int:
@@ -60,18 +64,55 @@ def test_output_depends_on_time_and_text(micro_cfg):
         assert not torch.allclose(base, model(x, t, torch.randn_like(context)))
 
 
-def test_masked_tokens_are_ignored(micro_cfg):
-    model = UNet(micro_cfg).eval()
-    x, t, context = inputs(micro_cfg, tokens=10)
-    mask = torch.zeros(2, 10, dtype=torch.bool)
+def padding_inputs(cfg: UNetConfig):
+    """Inputs with 4 real tokens of 10, and the same context with other padding states."""
+    x, t, context = inputs(cfg, tokens=10)
+    mask = torch.zeros(2, 10, dtype=torch.bool)  # (B, L)
     mask[:, :4] = True
     changed = context.clone()
-    changed[:, 4:] = torch.randn(2, 6, micro_cfg.context_dim)
+    changed[:, 4:] = torch.randn(2, 6, cfg.context_dim)
+    return x, t, context, changed, mask
+
+
+def test_masked_tokens_are_ignored_with_text_mask(micro_cfg):
+    model = UNet(dataclasses.replace(micro_cfg, text_mask=True)).eval()
+    x, t, context, changed, mask = padding_inputs(micro_cfg)
     with torch.no_grad():
         a, b = model(x, t, context, mask), model(x, t, changed, mask)
         unmasked = model(x, t, changed)
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, unmasked)
+
+
+def test_padding_is_attended_without_text_mask(micro_cfg):
+    assert not micro_cfg.text_mask  # the default, as Stable Diffusion
+    model = UNet(micro_cfg).eval()
+    x, t, context, changed, mask = padding_inputs(micro_cfg)
+    with torch.no_grad():
+        a, b = model(x, t, context, mask), model(x, t, changed, mask)
+        assert torch.equal(a, model(x, t, context))  # the mask given is ignored
+    assert not torch.allclose(a, b)  # the padding states reach the output
+
+
+@pytest.mark.parametrize("text_mask", [False, True])
+def test_attention_gets_a_mask_only_with_text_mask(micro_cfg, monkeypatch, text_mask):
+    """No attn_mask lets SDPA pick its flash kernel: the U-Net must not pass one unless configured to."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        seen.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    model = UNet(dataclasses.replace(micro_cfg, text_mask=text_mask)).eval()
+    x, t, context, _, mask = padding_inputs(micro_cfg)
+    with torch.no_grad():
+        model(x, t, context, mask)
+    n_cross = sum(isinstance(m, Attention) and m.is_cross for m in model.modules())
+    assert n_cross > 0 and len(seen) == 2 * n_cross  # one self- and one cross-attention per transformer block
+    masked = [m for m in seen if m is not None]
+    assert len(masked) == (n_cross if text_mask else 0)  # text_mask: every cross-attention, no self-attention
 
 
 def test_timestep_embedding_is_cos_then_sin():
@@ -112,8 +153,9 @@ def test_channels_last_matches_contiguous(micro_cfg):
 
 
 def test_traces_as_one_graph_for_torch_compile(micro_cfg):
-    """fullgraph=True turns any graph break into an error; aot_eager also traces the backward."""
-    model = UNet(micro_cfg)
+    """fullgraph=True turns any graph break into an error; aot_eager also traces the backward. With the
+    padding mask: the path with the most to trace."""
+    model = UNet(dataclasses.replace(micro_cfg, text_mask=True))
     x, t, context = inputs(micro_cfg)
     mask = torch.ones(2, 77, dtype=torch.bool)
     ref = model(x, t, context, mask)
@@ -175,8 +217,25 @@ def test_config_validation_and_round_trip():
         UNetConfig(block_channels=(48,), attention_levels=(True,), num_heads=(2,), norm_groups=32)
     cfg = PRESETS["sd2-base"]
     assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+    assert UNetConfig.from_dict(json.loads(cfg.to_json())) == cfg
     with pytest.raises(ValueError, match="unknown UNetConfig keys"):
         UNetConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_text_mask_defaults():
+    assert not UNetConfig().text_mask  # as Stable Diffusion: flash attention, no padding mask
+    assert [name for name, cfg in PRESETS.items() if cfg.text_mask] == ["tiny"]  # the demo's measured setting
+    # A config saved before the option existed comes from a U-Net that always masked: it keeps masking.
+    saved = {k: v for k, v in PRESETS["sd15"].to_dict().items() if k != "text_mask"}
+    assert UNetConfig.from_dict(saved) == dataclasses.replace(PRESETS["sd15"], text_mask=True)
+
+
+@pytest.mark.parametrize("text_mask", [False, True])
+def test_save_pretrained_keeps_text_mask(micro_cfg, tmp_path, text_mask):
+    cfg = dataclasses.replace(micro_cfg, text_mask=text_mask)
+    UNet(cfg).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["text_mask"] is text_mask
+    assert UNet.from_pretrained(tmp_path).cfg == cfg
 
 
 def test_tiny_preset_fits_the_tiny_encoders():

@@ -27,6 +27,12 @@ def worker_env(scaling: ScalingSettings) -> dict[str, str]:
     return env
 
 
+def process_group_backend(scaling: ScalingSettings) -> str:
+    """NCCL for CUDA tensors on GPU workers, and gloo for CPU tensors everywhere: NCCL alone has no CPU
+    backend, so any collective on a CPU tensor (a library's, or a host-side flag) would fail there."""
+    return "cpu:gloo,cuda:nccl" if scaling.use_gpu else "gloo"
+
+
 def build_torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any], scaling: ScalingSettings,
                         run_name: str, storage_path: str, keep_checkpoints: int, max_failures: int):
     """A TorchTrainer; a rerun with the same run_name and storage_path resumes from its latest checkpoint.
@@ -39,7 +45,7 @@ def build_torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(scaling)),
         run_config=RunConfig(name=run_name, storage_path=storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
                              failure_config=FailureConfig(max_failures=max_failures),

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import re
+import tempfile
 import uuid
 from typing import Any, Iterator
 
@@ -117,6 +118,26 @@ def read_text(location: str | os.PathLike) -> str:
 
 def read_json(location: str | os.PathLike) -> Any:
     return json.loads(read_bytes(location))
+
+
+@contextlib.contextmanager
+def local_dir(location: str | os.PathLike) -> Iterator[str]:
+    """A local path to the folder at `location`, for code that only opens local files (DeepSpeed's
+    load_checkpoint, UNet.from_pretrained). A local path is handed over as it is (made absolute); a URI's
+    folder, with everything under it, is copied into a temporary directory under the folder's own name,
+    removed when the with-block ends. FileNotFoundError when there is no folder at `location`."""
+    location = absolute(location)
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{location.rstrip('/')} is not a folder (nothing there, or a file)")
+    if not is_uri(location):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="fetched-") as tmp:
+        target = os.path.join(tmp, path.rstrip("/").rpartition("/")[2] or "root")
+        os.makedirs(target)  # copy_files creates no folder for an empty source
+        pafs.copy_files(path, target, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield target
 
 
 # ------------------------------------------------------------------------------- writing

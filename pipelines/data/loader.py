@@ -4,7 +4,7 @@
     check_manifest_matches(loader.manifest, unet_cfg)   # before the first training step
     for batch in loader:                                # the rest of the current epoch
         batch["latents"]      # (B, C, h, w) float32, model space: (z - shift) * scale
-        batch["text_states"]  # (B, L, D) float32
+        batch["text_states"]  # (B, L, D) float16 as stored: the trainer converts on its device
         batch["text_mask"]    # (B, L) bool, True = real token
 
 Order. Each epoch the shards are permuted and grouped into windows of `window_shards` shards, and
@@ -396,7 +396,7 @@ class FeatureLoader:
         noise_gen = seeded_generator(self.cfg.seed, epoch, self.rank, step, _NOISE)
         z = FrozenVAE.sample_latents(mean, logvar, generator=noise_gen)  # raw VAE space
         latents = (z - self.manifest.shift_factor) * self.manifest.scaling_factor  # (B, C, h, w)
-        states = torch.from_numpy(rows[schema.TEXT_STATES]).float()  # (B, L, D)
+        states = torch.from_numpy(rows[schema.TEXT_STATES])  # (B, L, D) float16: half the bytes to copy
         length = torch.from_numpy(rows[schema.TEXT_LENGTH].astype(np.int64))  # (B,)
         mask = torch.arange(states.shape[1])[None, :] < length[:, None]  # (B, L)
         batch: dict[str, Any] = {BATCH_LATENTS: latents, BATCH_TEXT_STATES: states, BATCH_TEXT_MASK: mask}

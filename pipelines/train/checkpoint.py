@@ -5,7 +5,7 @@ reports it to Ray Train, which merges the ranks' files into one folder on the ru
 
     meta.json                          rank 0: step, world size, config + fingerprint, MLflow run id
     deepspeed/<tag>/...                DeepSpeed's files (model states from rank 0, one ZeRO shard per rank)
-    rank_00000/trainer_state.pt        EMA (rank 0; every rank under ZeRO-3: its shard), loader position,
+    rank_00000/trainer_state.pt        EMA (this rank's shard of it), loader position,
                                        non-finite guard, RNG states, step
     rank_00000/complete.json           written LAST by each rank: every file that rank wrote, with its size
 
@@ -145,18 +145,28 @@ def _walk(root: str) -> dict[str, Any]:
 
 def load(checkpoint_dir: str, engine: Any, rank: int) -> dict[str, Any]:
     """Load DeepSpeed state into the engine and return this rank's trainer state (call verify first).
-
-    The EMA of ZeRO stages 0-2 is whole and saved once, by rank 0: other ranks read rank 0's copy.
-    """
+    checkpoint_dir may be a local path or a URI (see pipelines/core/storage.py)."""
     meta = read_meta(checkpoint_dir)
-    path, _ = engine.load_checkpoint(storage.join(checkpoint_dir, DEEPSPEED_DIR), tag=meta["tag"],
-                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+    tag_dir = storage.join(checkpoint_dir, DEEPSPEED_DIR, meta["tag"])
+    if not storage.is_dir(tag_dir):
+        raise CheckpointError(f"DeepSpeed found no state under {tag_dir}")
+    # DeepSpeed opens local paths only: a checkpoint at a URI (checkpoint.resume_from=s3://...) has its
+    # deepspeed/<tag> folder fetched to a temporary local copy first (every rank's shard: ZeRO-1/2 read them all).
+    with storage.local_dir(tag_dir) as local_tag_dir:
+        path, _ = engine.load_checkpoint(os.path.dirname(local_tag_dir), tag=meta["tag"],
+                                         load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
         raise CheckpointError(f"DeepSpeed found no state under {checkpoint_dir}/{DEEPSPEED_DIR}/{meta['tag']}")
-    state = _torch_load(storage.join(checkpoint_dir, rank_dir(rank), TRAINER_STATE_FILE))
-    if state.get("ema") is None and rank != 0:
-        state["ema"] = _torch_load(storage.join(checkpoint_dir, rank_dir(0), TRAINER_STATE_FILE)).get("ema")
-    return state
+    return _torch_load(storage.join(checkpoint_dir, rank_dir(rank), TRAINER_STATE_FILE))
+
+
+def pretrained_weights(location: str) -> dict[str, torch.Tensor]:
+    """The weights of a UNet.save_pretrained folder at a local path or URI (model.init_from); a URI is
+    fetched to a temporary local copy, removed once the weights are in memory."""
+    from model.unet import UNet
+
+    with storage.local_dir(location) as local:
+        return UNet.from_pretrained(local).state_dict()
 
 
 def _torch_load(location: str) -> dict[str, Any]:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from model.config import PRESETS, UNetConfig
 from model.ema import EMAConfig
 from model.samplers import SamplerConfig
+from model.unet import CONFIG_FILE as UNET_CONFIG_FILE
+from model.unet import WEIGHTS_FILE as UNET_WEIGHTS_FILE
 from pipelines.core import storage
 from pipelines.core.config import ConfigError, to_dict
 from pipelines.core.ray_train import ScalingSettings
@@ -34,18 +35,20 @@ class ModelSettings:
     preset: str = "tiny"  # a name in model/config.PRESETS
     overrides: dict[str, Any] = field(default_factory=dict)  # UNetConfig fields replacing the preset's
     # A UNet.save_pretrained directory to start from (converted SD 1.5 weights, or the previous phase's
-    # <run>/export/unet); its config.json replaces the preset, the overrides still apply (e.g. sample_size).
+    # <storage_path>/<run>/export/unet), a local path or a URI (s3://...; each worker fetches a temporary
+    # local copy); its config.json replaces the preset, the overrides still apply (e.g. sample_size).
     init_from: str | None = None
     gradient_checkpointing: bool = False
+    # NHWC activations: tensor-core GPUs run bf16 convolutions natively in that layout.
+    channels_last: bool = False
+    # A torch.compile backend for the U-Net inside the DeepSpeed engine ("inductor": generated kernels),
+    # or "" for eager. The first steps compile.
+    compile: str = ""
 
     def unet_config(self) -> UNetConfig:
         """The preset (or init_from's saved config) with the overrides applied."""
         if self.init_from:
-            path = Path(self.init_from) / "config.json"
-            if not path.is_file():
-                raise ConfigError(f"model.init_from: {path} not found (expected a UNet.save_pretrained "
-                                  "directory or the output of `python -m model.convert from-diffusers`)")
-            base = UNetConfig.from_dict(json.loads(path.read_text()))
+            base = UNetConfig.from_dict(json.loads(_read_init_from(self.init_from, UNET_CONFIG_FILE)))
         elif self.preset in PRESETS:
             base = PRESETS[self.preset]
         else:
@@ -55,6 +58,22 @@ class ModelSettings:
         except TypeError as err:
             raise ConfigError(f"model.overrides: {err}; valid keys: "
                               f"{[f.name for f in dataclasses.fields(UNetConfig)]}") from None
+
+
+def _read_init_from(init_from: str, name: str, read: bool = True) -> bytes | None:
+    """A file of model.init_from's folder (its bytes, or None with read=False), or a one-line ConfigError."""
+    location = storage.join(init_from, name)
+    try:
+        if storage.is_file(location):
+            return storage.read_bytes(location) if read else None
+    except (OSError, ValueError, ImportError) as err:  # unreachable, access denied, bad URI, no fsspec driver
+        raise ConfigError(f"model.init_from: cannot read {location}: {_one_line(err)}") from None
+    raise ConfigError(f"model.init_from: {location} not found (expected a UNet.save_pretrained directory, e.g. "
+                      "a training run's export/unet, or the output of `python -m model.convert from-diffusers`)")
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
 
 
 def _tuples(values: dict[str, Any]) -> dict[str, Any]:
@@ -179,6 +198,13 @@ def validate_for_launch(cfg: TrainConfig) -> LaunchPlan:
         raise ConfigError(f"run_name must be a non-empty name without '/', got {cfg.run_name!r}")
     if cfg.lr.kind not in LR_KINDS:
         raise ConfigError(f"lr.kind must be one of {LR_KINDS}, got {cfg.lr.kind!r}")
+    if cfg.model.compile:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if cfg.model.compile not in backends:
+            raise ConfigError(f"model.compile: {cfg.model.compile!r} is not a torch.compile backend: use one of "
+                              f"{backends}, or \"\" for eager")
     if len(cfg.samples.seeds) == 0 or len(cfg.samples.prompts) == 0:
         raise ConfigError("samples.prompts and samples.seeds must each list at least one value")
     try:
@@ -188,6 +214,9 @@ def validate_for_launch(cfg: TrainConfig) -> LaunchPlan:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     unet = cfg.model.unet_config()
+    if cfg.model.init_from:  # unet_config read its config.json; the weights must be there too
+        _read_init_from(cfg.model.init_from, UNET_WEIGHTS_FILE, read=False)
+    _check_resume_from(cfg.checkpoint.resume_from)
     features_dir = storage.absolute(cfg.features_dir)
     try:
         manifest = read_manifest(features_dir)
@@ -198,7 +227,17 @@ def validate_for_launch(cfg: TrainConfig) -> LaunchPlan:
     if rows_per_rank < micro:
         raise ConfigError(f"features_dir holds {manifest.total_rows} rows: {rows_per_rank} per worker, fewer than "
                           f"one micro batch of {micro} (lower batch.micro_batch or scaling.num_workers)")
-    if cfg.checkpoint.resume_from and not storage.is_dir(cfg.checkpoint.resume_from):
-        raise ConfigError(f"checkpoint.resume_from: {cfg.checkpoint.resume_from} does not exist")
     return LaunchPlan(unet=unet, manifest=manifest, micro_batch=micro, grad_accum_steps=accum,
                       storage_path=storage.absolute(cfg.storage_path), features_dir=features_dir)
+
+
+def _check_resume_from(resume_from: str | None) -> None:
+    """checkpoint.resume_from, a local path or a URI, is a folder (its contents: checkpoint.verify)."""
+    if not resume_from:
+        return
+    try:
+        found = storage.is_dir(resume_from)
+    except (OSError, ValueError, ImportError) as err:
+        raise ConfigError(f"checkpoint.resume_from: cannot read {resume_from}: {_one_line(err)}") from None
+    if not found:
+        raise ConfigError(f"checkpoint.resume_from: {resume_from} does not exist")

@@ -21,7 +21,7 @@ optimizer: DeepSpeed then builds torch.optim.AdamW itself, which needs no JIT-co
 offload, where a client torch optimizer is refused unless `zero_force_ds_cpu_optimizer` is turned off.
 The LR here is the base LR; warm-up and decay are the training loop's scheduler's business.
 
-Precision: bf16 is the default (GPU runs). CPU tests use fp32 for exact comparisons; bf16 also trains
+Precision: bf16 is the default (GPU runs), with gradients accumulated in fp32. CPU tests use fp32 for exact comparisons; bf16 also trains
 on CPU with gloo (ZeRO stages 1-3), only slower and less exact.
 """
 
@@ -41,7 +41,7 @@ DEFAULT_INFRA_DIR = REPO_ROOT / "infra" / "deepspeed"
 # Keys this module owns; a static file setting one of them would mean a value written twice.
 _RUN_KEYS = (
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-    "bf16", "fp16", "gradient_clipping", "optimizer", "scheduler",
+    "bf16", "fp16", "data_types", "gradient_clipping", "optimizer", "scheduler",
 )
 _RUN_ZERO_KEYS = ("offload_optimizer", "offload_param")
 
@@ -120,6 +120,9 @@ def build_deepspeed_config(settings: DeepSpeedSettings, micro_batch_per_gpu: int
         steps_per_print=_STEPS_PER_PRINT,
         wall_clock_breakdown=False,
     )
+    if settings.precision == "bf16":
+        # Gradients summed over accumulation steps in bf16 keep 8 mantissa bits; fp32 sums keep them all.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     config["zero_optimization"].update(_offload_sections(settings))
     return config
 

@@ -13,9 +13,7 @@ import hashlib
 import json
 import logging
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from pipelines.core import storage
 from pipelines.core.config import flatten, to_dict
@@ -124,23 +122,12 @@ def publish_model(tracker: Tracker, export_dir: str, registered_model: str | Non
     """The exported model as run artifacts ('model/'), and as a registered MLflow pyfunc model if asked."""
     if not tracker.active:
         return
-    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
-        local = export_dir
-        if storage.is_uri(export_dir):
-            local = _download(export_dir, Path(tmp))
+    with storage.local_dir(export_dir) as local:  # MLflow uploads local files
         tracker.log_artifacts(local, "model")
         if registered_model:
             from pipelines.inference.mlflow_model import log_pyfunc_model
 
             tracker.call("register the model", log_pyfunc_model, tracker, local, registered_model)
-
-
-def _download(uri: str, into: Path) -> str:
-    import pyarrow.fs as pafs
-
-    fs, base = storage.resolve(uri)
-    pafs.copy_files(base, str(into / "model"), source_filesystem=fs)
-    return str(into / "model")
 
 
 def report_path(cfg: TrainConfig) -> str:

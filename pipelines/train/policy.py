@@ -120,25 +120,23 @@ class NonFinitePolicy:
             raise ValueError(f"max_consecutive must be an int >= 1, got {self.max_consecutive!r}")
 
 
-def all_ranks_finite(loss: Tensor | float) -> bool:
-    """True when the loss is finite on every rank (MIN of a 0/1 flag), else local.
+def all_ranks_agree(flag: Tensor) -> Tensor:
+    """The AND of a () bool flag over every rank, on the flag's device (NCCL for CUDA tensors, gloo for
+    CPU ones), without waiting for it on the host. Local when there is no process group.
 
     Every rank must take the same decision: under DeepSpeed, backward/step run collectives, and a
     rank that skips while another steps would deadlock (or desynchronise ZeRO partitions).
     """
-    loss = torch.as_tensor(loss).detach()
-    finite = bool(torch.isfinite(loss).all())
+    value = flag.to(torch.int32)
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return finite
-    # NCCL reduces only CUDA tensors; gloo takes CPU ones.
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
-    flag = torch.tensor([int(finite)], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value.bool()
+
+
+def all_ranks_finite(loss: Tensor | float) -> bool:
+    """True when the loss is finite on every rank (one host sync)."""
+    return bool(all_ranks_agree(torch.isfinite(torch.as_tensor(loss).detach()).all()))
 
 
 class NonFiniteGuard:

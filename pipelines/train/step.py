@@ -8,11 +8,14 @@ generator seeded by (seed, r, s, m): a pure function of the position, so a resum
 what the uninterrupted one drew, with no generator state to carry.
 
 Non-finite losses (the stated policy, see pipelines/train/policy.NonFiniteGuard). Every rank agrees on
-each micro-batch's verdict. A bad micro-batch contributes a zero gradient: its backward runs on a
-zero loss from a clean forward pass, so DeepSpeed's accumulation counter, its gradient reductions and
-ZeRO partitions stay exactly in step on every rank. A step whose micro-batches were ALL bad is skipped
-for the weights: it runs with learning rate 0, so no parameter changes (Adam's moment estimates still
-decay by one step). Each bad step is counted; `nonfinite.max_consecutive` bad steps in a row stop the run.
+each micro-batch's verdict. A bad micro-batch contributes a zero gradient: its non-finite inputs are
+zeroed before the forward pass, so the pass stays finite and the backward of a zero loss gives exactly
+zero gradients while DeepSpeed's accumulation counter, its gradient reductions and ZeRO partitions stay
+in step on every rank. A step whose micro-batches were ALL bad is skipped for the weights: it runs with
+learning rate 0, so no parameter changes (Adam's moment estimates still decay by one step). Each bad step
+is counted; `nonfinite.max_consecutive` bad steps in a row stop the run. A loss that turns non-finite
+inside the forward pass of finite inputs (bf16 overflow, diverged weights) leaves non-finite gradients:
+in bf16 DeepSpeed's overflow check then skips the whole step.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import Tensor
 from model.schedule import NoiseSchedule
 from pipelines.data.loader import BATCH_LATENTS, BATCH_TEXT_MASK, BATCH_TEXT_STATES, seeded_generator
 from pipelines.train.objective import ObjectiveConfig, diffusion_loss
-from pipelines.train.policy import LRSchedule, NonFiniteGuard, all_ranks_finite
+from pipelines.train.policy import LRSchedule, NonFiniteGuard, all_ranks_agree
 
 # Domain tag of the per-micro-batch generator (loader streams use 1-3).
 _STEP_STREAM = 11
@@ -39,50 +42,58 @@ def engine_dtype(engine: Any) -> torch.dtype:
 class TrainStep:
     def __init__(self, engine: Any, schedule: NoiseSchedule, objective: ObjectiveConfig,
                  empty_caption: tuple[Tensor, Tensor], lr_schedule: LRSchedule, guard: NonFiniteGuard,
-                 seed: int, rank: int, device: torch.device) -> None:
+                 seed: int, rank: int, device: torch.device,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
         self.engine, self.objective, self.lr_schedule, self.guard = engine, objective, lr_schedule, guard
         self.schedule = schedule.to(device)
         self.empty = (empty_caption[0].to(device), empty_caption[1].to(device))
         self.seed, self.rank, self.device = seed, rank, device
         self.dtype = engine_dtype(engine)
+        # The layout of the activations. ZeRO keeps the weights as views of its flat buffers (contiguous),
+        # so channels_last applies to the inputs; every conv then runs NHWC and passes that layout on.
+        self.memory_format = memory_format
 
     def model_fn(self, x_t: Tensor, t: Tensor, states: Tensor, mask: Tensor) -> Tensor:
-        return self.engine(x_t.to(self.dtype), t, states.to(self.dtype), mask)
+        return self.engine(x_t.to(self.dtype, memory_format=self.memory_format), t, states.to(self.dtype), mask)
 
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        return {k: batch[k].to(self.device, non_blocking=True)
-                for k in (BATCH_LATENTS, BATCH_TEXT_STATES, BATCH_TEXT_MASK)}
+    def _to_device(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], Tensor]:
+        """-> the micro-batch on the device with non-finite inputs zeroed (so its forward stays finite and
+        a zero loss gives exactly zero gradients), and a () bool flag: were all its inputs finite."""
+        moved = {k: batch[k].to(self.device, non_blocking=True)
+                 for k in (BATCH_LATENTS, BATCH_TEXT_STATES, BATCH_TEXT_MASK)}
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        for key in (BATCH_LATENTS, BATCH_TEXT_STATES):
+            finite = finite & torch.isfinite(moved[key]).all()
+            moved[key] = torch.nan_to_num(moved[key], nan=0.0, posinf=0.0, neginf=0.0)
+        return moved, finite
 
-    def _zero_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        """A loss of exactly 0 whose backward reaches every parameter (finite weights -> zero grads)."""
-        latents = torch.zeros_like(batch[BATCH_LATENTS])  # (B, C, h, w)
-        t = torch.zeros(latents.shape[0], dtype=torch.long, device=self.device)  # (B,)
-        states = torch.zeros_like(batch[BATCH_TEXT_STATES])  # (B, L, D)
-        mask = torch.ones_like(batch[BATCH_TEXT_MASK])  # (B, L)
-        return self.model_fn(latents, t, states, mask).float().mean() * 0.0
+    def run(self, step: int, micro_batches: Sequence[dict[str, Any]]) -> dict[str, Tensor | float]:
+        """Forward/backward every micro-batch and take the optimizer step; -> loss (a tensor on the
+        device), lr, skipped micro-batches, grad norm (a tensor or a float, as DeepSpeed gives it).
 
-    def run(self, step: int, micro_batches: Sequence[dict[str, Any]]) -> dict[str, float]:
-        """Forward/backward every micro-batch and take the optimizer step; returns host-side stats."""
+        The ranks' verdicts stay on the device (an all-reduce per micro-batch, no wait for it); the host
+        reads them once, before the optimizer step, to zero the LR of a step with no good micro-batch."""
         lr = self.lr_schedule.apply(self.engine.optimizer, step)
-        losses, good = [], 0
+        losses, verdicts = [], []
         for micro, raw in enumerate(micro_batches):
-            batch = self._to_device(raw)
+            batch, inputs_finite = self._to_device(raw)
             generator = seeded_generator(self.seed, self.rank, step, micro, _STEP_STREAM)
             loss, _ = diffusion_loss(self.model_fn, self.schedule, batch, self.empty, self.objective, generator)
-            if all_ranks_finite(loss):
-                good += 1
-                losses.append(loss.detach())
-            else:
-                loss = self._zero_loss(batch)
-            if micro == len(micro_batches) - 1 and good == 0:
-                self._set_lr(0.0)  # every micro-batch was bad: the step must not move the weights
-            self.engine.backward(loss)
+            ok = all_ranks_agree(inputs_finite & torch.isfinite(loss))  # () bool on the device
+            verdicts.append(ok)
+            losses.append(torch.where(ok, loss.detach().float(), float("nan")))
+            self.engine.backward(torch.where(ok, loss, torch.zeros_like(loss)))  # a bad one: zero gradients
+            if micro == len(micro_batches) - 1:
+                good = int(torch.stack(verdicts).sum())  # the step's one host sync
+                if good == 0:
+                    self._set_lr(0.0)  # every micro-batch was bad: the step must not move the weights
             self.engine.step()
-        self.guard.record(good > 0, step)  # the ranks agreed per micro batch above; raises after N bad in a row
+        self.guard.record(good > 0, step)  # raises after nonfinite.max_consecutive bad steps in a row
         grad_norm = self.engine.get_global_grad_norm()
-        mean_loss = torch.stack(losses).float().mean().item() if losses else float("nan")
-        return {"loss": mean_loss, "lr": lr if good else 0.0, "skipped_micro_batches": len(micro_batches) - good,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        # loss and grad norm stay tensors where they are: the caller reads them once per log line
+        return {"loss": torch.stack(losses).nanmean(), "lr": lr if good else 0.0,
+                "skipped_micro_batches": len(micro_batches) - good,
+                "grad_norm": grad_norm if grad_norm is not None else float("nan")}
 
     def _set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:

@@ -4,8 +4,8 @@
 
 Every rank runs the same code. Collective points (every rank must reach them in the same order):
 DeepSpeed's forward/backward/step, the non-finite verdicts, the loss average at log steps, the
-checkpoint save, and (under ZeRO-3, where weights are partitioned) sample previews and the export.
-Only rank 0 talks to MLflow and writes the exported model.
+checkpoint save, the sample previews (every rank draws a share) and the export (the EMA is sharded over
+the ranks). Only rank 0 talks to MLflow and writes the exported model.
 """
 
 from __future__ import annotations
@@ -18,20 +18,22 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 
 from model.unet import UNet
 from pipelines.core.config import from_dict
 from pipelines.core.progress import Progress
 from pipelines.core.tracking import MLflowSettings, Tracker
 from pipelines.data.loader import BATCH_TEXT_MASK, BATCH_TEXT_STATES, FeatureLoader, LoaderConfig, load_empty_caption
-from pipelines.inference.draw import EncoderSources, decode_images, draw_latents, encode_prompts, image_grid
+from pipelines.inference.draw import EncoderSources
 from pipelines.inference.export import ExportInfo, write_export
 from pipelines.train import checkpoint
 from pipelines.train.config import TrainConfig, fingerprint
 from pipelines.train.deepspeed_config import build_deepspeed_config
 from pipelines.train.ema_zero import ShardedEMA, is_zero3_partitioned
+from pipelines.train.log_window import LogWindow, WindowStats
 from pipelines.train.policy import NonFiniteGuard
+from pipelines.train.prefetch import Prefetcher
+from pipelines.train.preview import PreviewGrid
 from pipelines.train.step import TrainStep, engine_dtype
 
 log = logging.getLogger("latentforge.train")
@@ -74,25 +76,28 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _batches(loader: FeatureLoader) -> Iterator[dict[str, Any]]:
-    while True:  # epoch after epoch; the loader's state always points just past the last batch
-        yield from loader
+def build_engine(cfg: TrainConfig, micro_batch: int, grad_accum_steps: int, world_size: int) -> Any:
+    """The U-Net (the preset or init_from's weights, checkpointing as configured) in a DeepSpeed engine,
+    compiled with cfg.model.compile's torch.compile backend when one is given."""
+    import deepspeed
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    unet = UNet(cfg.model.unet_config())
+    if cfg.model.init_from:  # its weights, under this run's config (e.g. a new sample_size)
+        unet.load_state_dict(checkpoint.pretrained_weights(cfg.model.init_from))  # a local path or a URI
+    unet.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
+    ds_config = build_deepspeed_config(cfg.deepspeed, micro_batch, grad_accum_steps, world_size)
+    engine, *_ = deepspeed.initialize(model=unet, model_parameters=list(unet.parameters()), config=ds_config)
+    if cfg.model.compile:
+        engine.compile(backend=cfg.model.compile)  # compiles engine.module in place: same state-dict keys
+    return engine
 
 
 class Worker:
     def __init__(self, cfg: TrainConfig, launch: Launch, rank: int, world_size: int) -> None:
-        import deepspeed
-
         self.cfg, self.launch, self.rank, self.world_size = cfg, launch, rank, world_size
         self.device = _device()
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        unet_cfg = cfg.model.unet_config()
-        unet = UNet(unet_cfg)
-        if cfg.model.init_from:  # its weights, under this run's config (e.g. a new sample_size)
-            unet.load_state_dict(UNet.from_pretrained(cfg.model.init_from).state_dict())
-        unet.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
-        ds_config = build_deepspeed_config(cfg.deepspeed, launch.micro_batch, launch.grad_accum_steps, world_size)
-        self.engine, *_ = deepspeed.initialize(model=unet, model_parameters=list(unet.parameters()), config=ds_config)
+        self.engine = build_engine(cfg, launch.micro_batch, launch.grad_accum_steps, world_size)
         self.zero3 = is_zero3_partitioned(self.engine.module)
         self.ema = ShardedEMA(self.engine, cfg.ema_config()) if cfg.ema.enabled else None
 
@@ -103,9 +108,13 @@ class Worker:
         self.empty = (empty[BATCH_TEXT_STATES], empty[BATCH_TEXT_MASK])
         self.guard = NonFiniteGuard(cfg.nonfinite)
         self.stepper = TrainStep(self.engine, cfg.objective.noise_schedule(), cfg.objective, self.empty,
-                                 cfg.lr_schedule(), self.guard, cfg.seed, rank, self.device)
+                                 cfg.lr_schedule(), self.guard, cfg.seed, rank, self.device,
+                                 torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
+        # before the first step: an encoder missing on this node fails the run now, not at the first preview
+        self.previews = PreviewGrid(cfg.samples, self.loader.manifest, rank, world_size, self.device)
         self.tracker = Tracker.attach(from_dict(MLflowSettings, launch.mlflow),
                                       launch.mlflow_run_id if rank == 0 else None)
+        self.stream: Prefetcher | None = None
         self.start_step = 0
         self.last_stats: dict[str, float] = {}
 
@@ -132,11 +141,19 @@ class Worker:
 
     # ---- the loop -----------------------------------------------------------------------------
 
-    def batch_stream(self) -> Iterator[dict[str, Any]]:
-        """This rank's batches from the loader's current position on, epoch after epoch."""
-        return _batches(self.loader)
+    def batch_stream(self) -> Prefetcher:
+        """This rank's batches from the loader's current position on, epoch after epoch, made ahead on a
+        thread (two optimizer steps' worth). Checkpoints record its position: the batches taken."""
+        self.close_stream()
+        self.stream = Prefetcher(self.loader, depth=2 * self.launch.grad_accum_steps, pin=self.device.type == "cuda")
+        return self.stream
 
-    def train_step(self, step: int, stream: Iterator[dict[str, Any]]) -> dict[str, float]:
+    def close_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.close()  # the loader is back at the batches taken
+            self.stream = None
+
+    def train_step(self, step: int, stream: Iterator[dict[str, Any]]) -> dict[str, Any]:
         """One optimizer step (all its micro batches) and the EMA update: what bench/train_throughput.py times."""
         micro = [next(stream) for _ in range(self.launch.grad_accum_steps)]
         stats = self.stepper.run(step, micro)
@@ -147,7 +164,8 @@ class Worker:
     def train(self) -> None:
         cfg = self.cfg
         stream = self.batch_stream()
-        progress = _LogWindow(self.start_step, cfg.max_steps, cfg.batch.global_batch)
+        progress = Progress(cfg.max_steps, "steps", done=self.start_step)
+        window = LogWindow(("loss", "skipped_micro_batches"), self.device)
         if self.rank == 0:
             self.tracker.start_system_metrics()
             log.info("training steps %d..%d: %d workers x micro batch %d x %d accumulation = global batch %d",
@@ -156,30 +174,27 @@ class Worker:
         for step in range(self.start_step, cfg.max_steps):
             stats = self.train_step(step, stream)
             done = step + 1
-            progress.tick(stats)
+            window.add(loss=stats["loss"], skipped_micro_batches=stats["skipped_micro_batches"])
             if done % cfg.log_every == 0 or done == cfg.max_steps:
-                self._log(done, progress)
+                self._log(done, progress, window.flush(), stats)
             if cfg.samples.every_steps and done % cfg.samples.every_steps == 0:
                 self._preview(done)
             if done % cfg.checkpoint.every_steps == 0 or done == cfg.max_steps:
                 self._checkpoint(done)
 
-    def _log(self, done: int, progress: "_LogWindow") -> None:
-        metrics = progress.window_metrics(self._mean_over_ranks)
-        metrics["skipped_steps"] = float(self.guard.total_skipped)
+    def _log(self, done: int, progress: Progress, window: WindowStats, last: dict[str, Any]) -> None:
+        """The log line and MLflow metrics: the window's mean loss over every rank, the last step's lr and
+        grad norm, the micro-batches skipped in the window (the ranks agree on each verdict, so the mean
+        over ranks times the steps is the count) and the steps skipped in the run."""
+        metrics = {"loss": window.means["loss"], "lr": last["lr"], "grad_norm": float(last["grad_norm"]),
+                   "images_per_s": window.steps * self.cfg.batch.global_batch / window.seconds,
+                   "skipped_micro_batches": round(window.means["skipped_micro_batches"] * window.steps),
+                   "skipped_steps": float(self.guard.total_skipped)}
         self.last_stats = metrics
         if self.rank == 0:
-            log.info("%s | loss %.5f lr %.3g grad_norm %.3g %.1f images/s", progress.steps.line(done),
+            log.info("%s | loss %.5f lr %.3g grad_norm %.3g %.1f images/s", progress.line(done),
                      metrics["loss"], metrics["lr"], metrics["grad_norm"], metrics["images_per_s"])
             self.tracker.log_metrics(metrics, step=done)
-
-    def _mean_over_ranks(self, values: list[float]) -> float:
-        """Mean of the finite values over every rank's list (collective)."""
-        finite = [v for v in values if v == v and abs(v) != float("inf")]
-        total = torch.tensor([sum(finite), float(len(finite))], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(total)  # gloo sums CPU tensors; under NCCL Ray gives a CPU-capable group too
-        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
     # ---- checkpoints --------------------------------------------------------------------------
 
@@ -187,9 +202,10 @@ class Worker:
         import ray.train
         from ray.train import Checkpoint
 
-        keep_ema = self.ema is not None and (self.zero3 or self.rank == 0)
-        state = {"loader": self.loader.state_dict(), "guard": self.guard.state_dict(),
-                 "rng": checkpoint.rng_state(), "ema": self.ema.state_dict() if keep_ema else None}
+        loader_state = self.stream.state_dict() if self.stream is not None else self.loader.state_dict()
+        # Every rank saves its own shard of the EMA (the fp32 masters it owns).
+        state = {"loader": loader_state, "guard": self.guard.state_dict(),
+                 "rng": checkpoint.rng_state(), "ema": self.ema.state_dict() if self.ema is not None else None}
         meta = None
         if self.rank == 0:
             meta = {"world_size": self.world_size, "fingerprint": fingerprint(self.cfg),
@@ -213,28 +229,20 @@ class Worker:
         return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
 
     def _preview(self, done: int) -> None:
-        """A grid of the fixed prompts x seeds from the EMA weights, logged to MLflow (rank 0)."""
-        if not (self.zero3 or self.rank == 0):
-            return  # ZeRO-1/2: rank 0 holds whole weights and samples alone
-        if not hasattr(self, "_preview_inputs"):
-            self._preview_inputs = _PreviewInputs(self.cfg, self.loader.manifest, self.rank == 0)
-        inputs = self._preview_inputs
+        """The grid of the fixed prompts x seeds from the EMA weights, logged to MLflow (collective)."""
         module = self.engine.module
         module.eval()
         try:
             with self._weights_context():
-                latents = draw_latents(module, self.stepper.schedule, inputs.states, inputs.masks, self.empty,
-                                       inputs.seeds, self.loader.manifest.latent_shape, self.cfg.samples.sampler,
-                                       device=self.device, dtype=engine_dtype(self.engine))
+                grid = self.previews.draw(module, self.stepper.schedule, self.empty, engine_dtype(self.engine))
         finally:
             module.train()
-        if self.rank == 0:
-            manifest = self.loader.manifest
-            images = decode_images(inputs.vae, latents, manifest.scaling_factor, manifest.shift_factor)
-            self.tracker.log_image(image_grid(images, columns=len(self.cfg.samples.seeds)), "samples", step=done)
+        if grid is not None:
+            self.tracker.log_image(grid, "samples", step=done)
 
     def _full_weights(self) -> dict[str, torch.Tensor]:
-        """The weights to export, whole and float32 on CPU (collective under ZeRO-3)."""
+        """The weights to export, whole and float32 on CPU (collective: the EMA is sharded over the ranks
+        under every ZeRO stage, the live weights under ZeRO-3)."""
         if self.ema is not None:
             return self.ema.full_state_dict(rank0_only=True)
         module = self.engine.module
@@ -265,42 +273,6 @@ class Worker:
         log.info("exported the %s weights to %s/%s", info.weights, self.launch.run_dir, EXPORT_DIR)
 
     def close(self) -> None:
+        self.close_stream()
         self.tracker.stop_system_metrics()
 
-
-class _PreviewInputs:
-    """The preview prompts' text features (every sampling rank) and the VAE decoder (rank 0)."""
-
-    def __init__(self, cfg: TrainConfig, manifest: Any, with_vae: bool) -> None:
-        sources = EncoderSources.from_manifest(manifest)
-        vae, text = sources.build(with_vae=with_vae)
-        states, masks = encode_prompts(text, cfg.samples.prompts)  # (P, L, D), (P, L)
-        seeds = list(cfg.samples.seeds)
-        self.states = states.repeat_interleave(len(seeds), dim=0)  # (P*S, L, D): row = (prompt, seed)
-        self.masks = masks.repeat_interleave(len(seeds), dim=0)
-        self.seeds = seeds * len(cfg.samples.prompts)
-        self.vae = vae
-
-
-class _LogWindow:
-    """Per-window averages for the log line and MLflow, and the run's progress (count, rate, ETA)."""
-
-    def __init__(self, start_step: int, max_steps: int, global_batch: int) -> None:
-        self.steps = Progress(max_steps, "steps", done=start_step)
-        self.global_batch = global_batch
-        self.window_start = time.perf_counter()
-        self.window: list[dict[str, float]] = []
-
-    def tick(self, stats: dict[str, float]) -> None:
-        self.window.append(stats)
-
-    def window_metrics(self, mean: Any) -> dict[str, float]:
-        now = time.perf_counter()
-        seconds = max(now - self.window_start, 1e-9)
-        steps = len(self.window)
-        metrics = {"loss": mean([s["loss"] for s in self.window]),
-                   "lr": self.window[-1]["lr"], "grad_norm": self.window[-1]["grad_norm"],
-                   "images_per_s": steps * self.global_batch / seconds,
-                   "skipped_micro_batches": float(sum(s["skipped_micro_batches"] for s in self.window))}
-        self.window, self.window_start = [], now
-        return metrics

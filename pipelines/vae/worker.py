@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
     from diffusers import AutoencoderKL
 
+    from pipelines.train.log_window import LogWindow
+
 log = logging.getLogger("latentforge.train_vae")
 
 CHECKPOINT_FILE = "state.pt"  # weights, optimizer, TrainState
@@ -87,36 +89,13 @@ def _save_checkpoint(w: _Worker, vae: "AutoencoderKL", optimizer: Any, state: Tr
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-class _Window:
-    """Loss sums since the last log line, averaged over ranks when logged."""
+VAE_METRICS = ("loss", "recon", "kl", "color_anchor")  # averaged over each log window
 
-    def __init__(self) -> None:
-        self.reset(time.perf_counter())
 
-    def reset(self, now: float) -> None:
-        self.sums, self.steps, self.started = [0.0, 0.0, 0.0, 0.0], 0, now
-
-    def add(self, loss: Any, rec: Any, kl: Any, anchor: Any) -> None:
-        self.steps += 1
-        for i, value in enumerate((loss, rec, kl, anchor)):
-            self.sums[i] += float(value)
-
-    def metrics(self, w: _Worker, lr: float, skipped: int) -> dict[str, float]:
-        import torch
-
-        now = time.perf_counter()
-        totals = torch.tensor([*self.sums, self.steps], dtype=torch.float64)
-        if w.world_size > 1:  # all ranks log at the same steps, so this collective lines up
-            gloo_or_nccl = totals.to(w.device)
-            torch.distributed.all_reduce(gloo_or_nccl)
-            totals = gloo_or_nccl.cpu()
-        loss, rec, kl, anchor, finite = totals.tolist()
-        images = self.steps * w.cfg.train.batch_size * w.world_size
-        out = {"loss": loss / max(finite, 1), "recon": rec / max(finite, 1), "kl": kl / max(finite, 1),
-               "color_anchor": anchor / max(finite, 1),
-               "lr": lr, "images_per_s": images / max(now - self.started, 1e-9), "skipped_steps": skipped}
-        self.reset(now)
-        return out
+def _window_metrics(w: _Worker, window: LogWindow, lr: float, skipped: int) -> dict[str, float]:
+    stats = window.flush()  # collective: every rank logs at the same steps
+    images = stats.steps * w.cfg.train.batch_size * w.world_size
+    return {**stats.means, "lr": lr, "images_per_s": images / stats.seconds, "skipped_steps": skipped}
 
 
 def _train_steps(w: _Worker, model: Any, vae: "AutoencoderKL", optimizer: Any, state: TrainState,
@@ -124,6 +103,7 @@ def _train_steps(w: _Worker, model: Any, vae: "AutoencoderKL", optimizer: Any, s
     """Steps state.step .. train.steps: LR schedule, non-finite guard, logging, grids, checkpoints."""
     import torch
 
+    from pipelines.train.log_window import LogWindow
     from pipelines.train.policy import LRSchedule, NonFiniteGuard, NonFinitePolicy
 
     t = w.cfg.train
@@ -133,7 +113,8 @@ def _train_steps(w: _Worker, model: Any, vae: "AutoencoderKL", optimizer: Any, s
     cfg = w.cfg
     stream = ImageStream(cfg.input_dir, tar_shard_names(cfg.input_dir), cfg.image_size, w.rank, w.world_size,
                          seed=t.seed + state.step, shuffle_buffer=t.shuffle_buffer)  # a resume reshuffles
-    batches, window, started = stream.batches(t.batch_size), _Window(), time.perf_counter()
+    batches, started = stream.batches(t.batch_size), time.perf_counter()
+    window = LogWindow(VAE_METRICS, w.device)
     progress = Progress(t.steps, "steps", done=state.step)
     for step in range(state.step, t.steps):
         lr = schedule.apply(optimizer, step)
@@ -144,12 +125,12 @@ def _train_steps(w: _Worker, model: Any, vae: "AutoencoderKL", optimizer: Any, s
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(vae.parameters(), t.grad_clip)
             optimizer.step()
-            window.add(loss.detach(), rec, kl, anchor)
+            window.add(loss=loss.detach(), recon=rec, kl=kl, color_anchor=anchor)
         state.step, state.images_seen = step + 1, state.images_seen + t.batch_size * w.world_size
         state.guard = guard.state_dict()
         last = state.step == t.steps
         if state.step % t.log_every == 0 or last:
-            state.metrics = window.metrics(w, lr, guard.total_skipped)
+            state.metrics = _window_metrics(w, window, lr, guard.total_skipped)
             _log_progress(w, state, progress)
         if w.rank == 0 and state.step % t.image_every == 0 and not last:  # the end logs its own grid
             w.tracker.log_image(reconstruction_grid(vae, grid), GRID_KEY, state.step)
