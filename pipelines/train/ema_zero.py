@@ -42,6 +42,7 @@ the module's current buffers.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ def _assemble(frag: Fragment, local: torch.Tensor | None, device: torch.device |
     return whole.view(frag.shape)
 
 
-class _Layout:
+class _Layout(abc.ABC):
     """Where this rank's fp32 masters are, per parameter, and how the module's weights are swapped."""
 
     kind: str
@@ -123,18 +124,22 @@ class _Layout:
         """(name, this rank's fp32 masters as a 1-D view) for every parameter of which it owns a part."""
         return [(name, self._master(name, p)) for name, p in self.params if self.fragments[name].numel]
 
+    @abc.abstractmethod
     def _master(self, name: str, p: nn.Parameter) -> torch.Tensor:
-        raise NotImplementedError
+        """Each layout (whole, ZeRO-1/2 fragments, ZeRO-3 partitions) defines it."""
 
     # The module's weights, for swapped_in.
+    @abc.abstractmethod
     def training_copy(self, p: nn.Parameter) -> torch.Tensor:
-        raise NotImplementedError
+        """Each layout (whole, ZeRO-1/2 fragments, ZeRO-3 partitions) defines it."""
 
+    @abc.abstractmethod
     def set_weights(self, name: str, p: nn.Parameter, whole: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Each layout (whole, ZeRO-1/2 fragments, ZeRO-3 partitions) defines it."""
 
+    @abc.abstractmethod
     def restore_weights(self, name: str, p: nn.Parameter, copy: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Each layout (whole, ZeRO-1/2 fragments, ZeRO-3 partitions) defines it."""
 
 
 class _WholeLayout(_Layout):
