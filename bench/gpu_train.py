@@ -497,6 +497,7 @@ def phase_job(spec: dict, rec: Recorder) -> None:
         BATCH_TEXT_MASK,
         BATCH_TEXT_STATES,
         FeatureLoader,
+        LatentSampler,
         LoaderConfig,
         load_empty_caption,
     )
@@ -528,6 +529,8 @@ def phase_job(spec: dict, rec: Recorder) -> None:
         kwargs = {}
         if "memory_format" in inspect.signature(TrainStep.__init__).parameters:
             kwargs["memory_format"] = torch.contiguous_format
+        if "sampler" in inspect.signature(TrainStep.__init__).parameters:  # the latent sample on the device
+            kwargs["sampler"] = LatentSampler.from_manifest(loader.manifest)
         stepper = TrainStep(engine, objective.noise_schedule(), objective,
                             (empty[BATCH_TEXT_STATES], empty[BATCH_TEXT_MASK]), lr_schedule, NonFiniteGuard(),
                             seed=0, rank=0, device=torch.device(device), **kwargs)

@@ -34,7 +34,7 @@ from model.config import PRESETS
 from model.schedule import NoiseSchedule
 from model.unet import UNet
 from pipelines.data import schema
-from pipelines.data.loader import BATCH_LATENTS, BATCH_TEXT_MASK, BATCH_TEXT_STATES, FeatureLoader, LoaderConfig
+from pipelines.data.loader import BATCH_TEXT_MASK, BATCH_TEXT_STATES, FeatureLoader, LatentSampler, LoaderConfig
 
 LATENT_TO_PIXELS = 4  # the tiny VAE's downsampling; only recorded in the manifest (image_size)
 
@@ -85,14 +85,15 @@ def write_synthetic_features(directory: Path, shapes: schema.FeatureShapes, rows
     return manifest
 
 
-def make_unet_step(preset: str, batch: dict, device: str) -> Callable[[], float]:
+def make_unet_step(preset: str, batch: dict, sampler: LatentSampler, device: str) -> Callable[[], float]:
     """A function that runs one training step (forward + backward + AdamW) on `batch`, returning seconds."""
     torch.manual_seed(0)
     model = UNet(PRESETS[preset]).to(device).train()
     # fused AdamW: the foreach one spends a large share of a CPU step in sqrt (see bench/unet_step.py)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     schedule = NoiseSchedule().to(device)
-    x0, states, mask = (batch[k].to(device) for k in (BATCH_LATENTS, BATCH_TEXT_STATES, BATCH_TEXT_MASK))
+    states, mask = (batch[k].to(device) for k in (BATCH_TEXT_STATES, BATCH_TEXT_MASK))
+    x0 = sampler({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
     states = states.float()  # stored float16; the model computes in float32 here
 
     def step() -> float:
@@ -147,7 +148,7 @@ def main(argv=None) -> dict:
         loader = FeatureLoader(tmp, loader_cfg, rank=0, world_size=args.world_size)
         # the U-Net trains on a real batch; a second loader, so the timed one starts cold
         sample = FeatureLoader(tmp, loader_cfg, rank=0, world_size=args.world_size).batch(0, 0)
-        unet_step = make_unet_step(args.preset, sample, args.device)
+        unet_step = make_unet_step(args.preset, sample, LatentSampler.from_manifest(loader.manifest), args.device)
         batches, seconds, step_times = time_interleaved(loader, unet_step, args.epochs, args.steps, args.warmup)
     step_s = statistics.median(step_times)
     result = {

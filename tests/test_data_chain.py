@@ -37,10 +37,13 @@ from pipelines.data.filter.driver import STAGE as FILTER
 from pipelines.data.loader import (
     BATCH_CAPTIONS,
     BATCH_KEYS,
-    BATCH_LATENTS,
+    BATCH_LATENT_LOGVAR,
+    BATCH_LATENT_MEAN,
+    BATCH_NOISE_SEED,
     BATCH_TEXT_MASK,
     BATCH_TEXT_STATES,
     FeatureLoader,
+    LatentSampler,
     LoaderConfig,
     check_manifest_matches,
     load_empty_caption,
@@ -311,7 +314,9 @@ def _assert_same_rows(new, old) -> None:
 
 
 def _same(a: dict, b: dict) -> bool:
-    return (torch.equal(a[BATCH_LATENTS], b[BATCH_LATENTS]) and torch.equal(a[BATCH_TEXT_STATES], b[BATCH_TEXT_STATES])
+    return (torch.equal(a[BATCH_LATENT_MEAN], b[BATCH_LATENT_MEAN])
+            and torch.equal(a[BATCH_LATENT_LOGVAR], b[BATCH_LATENT_LOGVAR]) and a[BATCH_NOISE_SEED] == b[BATCH_NOISE_SEED]
+            and torch.equal(a[BATCH_TEXT_STATES], b[BATCH_TEXT_STATES])
             and torch.equal(a[BATCH_TEXT_MASK], b[BATCH_TEXT_MASK]) and a[BATCH_KEYS] == b[BATCH_KEYS]
             and a[BATCH_CAPTIONS] == b[BATCH_CAPTIONS])
 
@@ -336,7 +341,8 @@ def test_loader_resume_equals_the_uninterrupted_sequence(chain, stop_after):
         got += epoch_batches(resumed)
     assert len(got) == 2 * steps - stop_after
     assert all(_same(a, b) for a, b in zip(got, expected[stop_after:]))
-    assert all(torch.isfinite(b[BATCH_LATENTS]).all() for b in got)
+    sampler = LatentSampler.from_manifest(resumed.manifest)
+    assert all(torch.isfinite(sampler(b)).all() for b in got)
 
 
 def test_features_fit_the_tiny_unet_and_carry_the_empty_caption(chain):
@@ -353,5 +359,5 @@ def test_features_fit_the_tiny_unet_and_carry_the_empty_caption(chain):
     with pytest.raises(ValueError, match="text width"):
         check_manifest_matches(loader.manifest, other)
     batch = next(iter(loader))
-    assert tuple(batch[BATCH_LATENTS].shape) == (8, *loader.manifest.latent_shape)
+    assert tuple(batch[BATCH_LATENT_MEAN].shape) == (8, *loader.manifest.latent_shape)
     assert np.isfinite(batch[BATCH_TEXT_STATES].numpy()).all()

@@ -15,10 +15,13 @@ from pipelines.data import schema
 from pipelines.data.loader import (
     BATCH_CAPTIONS,
     BATCH_KEYS,
-    BATCH_LATENTS,
+    BATCH_LATENT_LOGVAR,
+    BATCH_LATENT_MEAN,
+    BATCH_NOISE_SEED,
     BATCH_TEXT_MASK,
     BATCH_TEXT_STATES,
     FeatureLoader,
+    LatentSampler,
     LoaderConfig,
     check_manifest_matches,
     load_empty_caption,
@@ -91,7 +94,9 @@ def test_order_is_a_function_of_seed_and_epoch(tmp_path):
     assert a0 == b0 and a0 != a1 and sorted(a0) == sorted(a1)
     other_seed = FeatureLoader(tmp_path, LoaderConfig(batch_size=4, window_shards=2, seed=1, with_text=True))
     assert epoch_keys(other_seed) != a0
-    assert torch.equal(FeatureLoader(tmp_path, cfg).batch(3, 2)[BATCH_LATENTS], b.batch(3, 2)[BATCH_LATENTS])
+    again, first = FeatureLoader(tmp_path, cfg).batch(3, 2), b.batch(3, 2)
+    assert torch.equal(again[BATCH_LATENT_MEAN], first[BATCH_LATENT_MEAN])
+    assert again[BATCH_NOISE_SEED] == first[BATCH_NOISE_SEED]
     unshuffled = FeatureLoader(tmp_path, LoaderConfig(batch_size=4, shuffle=False, with_text=True))
     assert epoch_keys(unshuffled)[:3] == ["s0-r0", "s0-r1", "s0-r2"]
 
@@ -120,7 +125,8 @@ def test_resume_is_bit_identical_wherever_the_run_stops(tmp_path, drop_last):
         got += take(resumed, len(expected) - stop)
         for want, have in zip(expected, got, strict=True):
             assert want[BATCH_KEYS] == have[BATCH_KEYS]
-            for name in (BATCH_LATENTS, BATCH_TEXT_STATES, BATCH_TEXT_MASK):
+            assert want[BATCH_NOISE_SEED] == have[BATCH_NOISE_SEED], stop
+            for name in (BATCH_LATENT_MEAN, BATCH_LATENT_LOGVAR, BATCH_TEXT_STATES, BATCH_TEXT_MASK):
                 assert torch.equal(want[name], have[name]), (stop, name)
 
 
@@ -137,13 +143,18 @@ def test_state_saved_after_an_epoch_resumes_at_the_next_and_rejects_a_different_
         FeatureLoader(tmp_path, cfg, rank=0, world_size=2).load_state_dict(state)
 
 
-def test_latents_are_sampled_moments_in_model_space(tmp_path):
+def test_batches_carry_the_stored_moments_and_the_sample_is_drawn_where_they_are(tmp_path):
     rows = write_features(tmp_path, [12, 12], logvar=-40.0)  # std ~ 0: samples equal the mean
-    for batch in FeatureLoader(tmp_path, LoaderConfig(batch_size=6, with_text=True)):
-        mean = torch.from_numpy(np.stack([rows[k][0] for k in batch[BATCH_KEYS]])).float()
-        assert batch[BATCH_LATENTS].dtype == torch.float32
-        assert batch[BATCH_LATENTS].shape == (6, *SHAPES.latent)
-        torch.testing.assert_close(batch[BATCH_LATENTS], (mean - SHIFT) * SCALE, atol=1e-5, rtol=0)
+    loader = FeatureLoader(tmp_path, LoaderConfig(batch_size=6, with_text=True))
+    sampler = LatentSampler.from_manifest(loader.manifest)
+    for batch in loader:
+        mean = np.stack([rows[k][0] for k in batch[BATCH_KEYS]])
+        # the host only slices what is stored: float16, no float32 copy, no sample drawn there
+        assert batch[BATCH_LATENT_MEAN].dtype == batch[BATCH_LATENT_LOGVAR].dtype == torch.float16
+        assert np.array_equal(batch[BATCH_LATENT_MEAN].numpy(), mean)
+        latents = sampler(batch)
+        assert latents.dtype == torch.float32 and latents.shape == (6, *SHAPES.latent)
+        torch.testing.assert_close(latents, (torch.from_numpy(mean).float() - SHIFT) * SCALE, atol=1e-5, rtol=0)
 
     noisy = tmp_path / "noisy"
     noisy.mkdir()
@@ -154,7 +165,9 @@ def test_latents_are_sampled_moments_in_model_space(tmp_path):
         batch = loader.batch(epoch, 0)
         order = np.argsort(batch[BATCH_KEYS])  # the same rows in the same order in both epochs
         mean = torch.from_numpy(np.stack([rows[k][0] for k in batch[BATCH_KEYS]])).float()
-        residuals.append((batch[BATCH_LATENTS] / SCALE + SHIFT - mean)[order])  # raw space, minus the mean
+        latents = sampler(batch)
+        assert torch.equal(latents, sampler(batch))  # the seed fixes the draw
+        residuals.append((latents / SCALE + SHIFT - mean)[order])  # raw space, minus the mean
     for residual in residuals:
         assert abs(residual.std().item() - 2.0) < 0.1 and abs(residual.mean().item()) < 0.1
     assert not torch.allclose(residuals[0], residuals[1])  # sampled fresh each epoch

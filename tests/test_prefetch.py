@@ -4,7 +4,7 @@ order, with checkpoints at the batches TAKEN, so a resume neither skips nor repe
 import pytest
 import torch
 
-from pipelines.data.loader import BATCH_LATENTS, FeatureLoader, LoaderConfig
+from pipelines.data.loader import BATCH_LATENT_MEAN, FeatureLoader, LoaderConfig
 from pipelines.synthetic.features import write_synthetic_features
 from pipelines.train.prefetch import Prefetcher
 
@@ -21,14 +21,14 @@ def features(tmp_path_factory):
 def _plain(features: str, count: int) -> list[torch.Tensor]:
     loader, out = FeatureLoader(features, CONFIG), []
     while len(out) < count:
-        out += [batch[BATCH_LATENTS] for batch in loader]
+        out += [batch[BATCH_LATENT_MEAN] for batch in loader]
     return out[:count]
 
 
 def test_batches_come_in_the_loaders_order_across_epochs(features):
     stream = Prefetcher(FeatureLoader(features, CONFIG), depth=3, pin=False)
     try:
-        taken = [next(stream)[BATCH_LATENTS] for _ in range(12)]
+        taken = [next(stream)[BATCH_LATENT_MEAN] for _ in range(12)]
     finally:
         stream.close()
     assert all(torch.equal(a, b) for a, b in zip(taken, _plain(features, 12)))
@@ -45,7 +45,7 @@ def test_state_and_close_point_at_the_batches_taken(features):
     assert loader.state_dict() == state  # rewound to what was taken
     resumed = Prefetcher(loader, depth=2, pin=False)
     try:
-        following = [next(resumed)[BATCH_LATENTS] for _ in range(3)]
+        following = [next(resumed)[BATCH_LATENT_MEAN] for _ in range(3)]
     finally:
         resumed.close()
     assert all(torch.equal(a, b) for a, b in zip(following, _plain(features, 10)[7:]))

@@ -10,7 +10,15 @@ import torch
 
 from model.schedule import NoiseSchedule
 from model.unet import UNet
-from pipelines.data.loader import BATCH_LATENTS, BATCH_TEXT_MASK, BATCH_TEXT_STATES
+from pipelines.data.loader import (
+    BATCH_LATENT_LOGVAR,
+    BATCH_LATENT_MEAN,
+    BATCH_LATENTS,
+    BATCH_NOISE_SEED,
+    BATCH_TEXT_MASK,
+    BATCH_TEXT_STATES,
+    LatentSampler,
+)
 from pipelines.train.deepspeed_config import AdamWSettings, DeepSpeedSettings, build_deepspeed_config
 from pipelines.train.objective import ObjectiveConfig
 from pipelines.train.policy import LRSchedule, NonFiniteGuard, NonFinitePolicy
@@ -19,20 +27,25 @@ from pipelines.train.step import TrainStep
 STEP_FILE = str(Path(inspect.getfile(TrainStep)).resolve())
 
 
+SAMPLER = LatentSampler(shift_factor=0.1, scaling_factor=0.5)
+
+
 def _batch(cfg, seed: int, bad: bool = False) -> dict:
+    """A micro-batch as the loader gives it: stored float16 moments, a noise seed, float16 text states."""
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)  # (B, C, h, w)
+    mean = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g).half()  # (B, C, h, w)
     if bad:
-        latents[0, 0, 0, 0] = float("nan")  # one bad value poisons a whole micro-batch's loss
-    states = torch.randn(2, 77, cfg.context_dim, generator=g).half()  # (B, L, D) as the loader gives them
-    return {BATCH_LATENTS: latents, BATCH_TEXT_STATES: states, BATCH_TEXT_MASK: torch.ones(2, 77, dtype=torch.bool)}
+        mean[0, 0, 0, 0] = float("nan")  # one bad value poisons a whole micro-batch's loss
+    states = torch.randn(2, 77, cfg.context_dim, generator=g).half()  # (B, L, D)
+    return {BATCH_LATENT_MEAN: mean, BATCH_LATENT_LOGVAR: torch.full_like(mean, -2.0), BATCH_NOISE_SEED: seed,
+            BATCH_TEXT_STATES: states, BATCH_TEXT_MASK: torch.ones(2, 77, dtype=torch.bool)}
 
 
 def _stepper(engine, cfg, guard: NonFiniteGuard | None = None) -> TrainStep:
     empty = (torch.zeros(77, cfg.context_dim), torch.ones(77, dtype=torch.bool))
     return TrainStep(engine, NoiseSchedule(), ObjectiveConfig(), empty, LRSchedule(base_lr=1e-2, total_steps=10),
                      guard or NonFiniteGuard(NonFinitePolicy(max_consecutive=3)), seed=0, rank=0,
-                     device=torch.device("cpu"))
+                     device=torch.device("cpu"), sampler=SAMPLER)
 
 
 class AccumulatingEngine:
@@ -124,3 +137,19 @@ def test_one_host_sync_per_step(engine, micro_cfg, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counted)
     _stepper(engine, micro_cfg).run(0, [_batch(micro_cfg, 1), _batch(micro_cfg, 2, bad=True)])
     assert len(syncs) == 1
+
+
+def test_the_latents_are_sampled_on_the_device_from_the_stored_moments(micro_cfg):
+    """The step, not the loader, turns float16 moments into a float32 model-space sample (on its device),
+    with the batch's noise seed; a non-finite log-variance marks the micro-batch bad like any input."""
+    stepper = _stepper(AccumulatingEngine(UNet(micro_cfg), 1), micro_cfg)
+    raw = _batch(micro_cfg, 5)
+    moved, finite = stepper._to_device(raw)
+    assert bool(finite) and moved[BATCH_LATENTS].dtype == torch.float32
+    assert torch.equal(moved[BATCH_LATENTS], SAMPLER(raw))
+    noise = moved[BATCH_LATENTS] / SAMPLER.scaling_factor + SAMPLER.shift_factor - raw[BATCH_LATENT_MEAN].float()
+    assert 0.2 < noise.std().item() < 0.5  # std exp(-1) = 0.37 around the mean: a sample, not the mean
+    assert not torch.equal(stepper._to_device({**raw, BATCH_NOISE_SEED: 6})[0][BATCH_LATENTS], moved[BATCH_LATENTS])
+    raw[BATCH_LATENT_LOGVAR][1, 0, 0, 0] = float("nan")
+    moved, finite = stepper._to_device(raw)
+    assert not bool(finite) and torch.isfinite(moved[BATCH_LATENTS]).all()

@@ -2,16 +2,23 @@
 
     loader = FeatureLoader("/data/features", LoaderConfig(batch_size=32, seed=0), rank=r, world_size=W)
     check_manifest_matches(loader.manifest, unet_cfg)   # before the first training step
+    sampler = LatentSampler.from_manifest(loader.manifest)
     for batch in loader:                                # the rest of the current epoch
-        batch["latents"]      # (B, C, h, w) float32, model space: (z - shift) * scale
+        batch["latent_mean"], batch["latent_logvar"]   # (B, C, h, w) float16 as stored (raw VAE space)
+        batch["noise_seed"]   # int: seeds the latent sample's noise
         batch["text_states"]  # (B, L, D) float16 as stored: the trainer converts on its device
         batch["text_mask"]    # (B, L) bool, True = real token
+        latents = sampler(batch_on_device)   # (B, C, h, w) float32 model space: (z - shift) * scale
+
+The loader stays on the host and hands over the stored moments; the sample z = mean + std * noise and the
+float16 -> float32 conversion run where the batch is used (on the GPU in training), with noise from a
+generator of that device seeded by `noise_seed`.
 
 Order. Each epoch the shards are permuted and grouped into windows of `window_shards` shards, and
 the rows of a window are permuted. Every rank computes the same epoch order, drops its last N % W
 positions (so all ranks get N // W rows and the same number of batches: collective ops stay in
 step) and takes every W-th position, starting at its rank. The order is a pure function of
-(seed, epoch) and the latent noise of (seed, epoch, rank, step), so batch `step` of `epoch` is a
+(seed, epoch) and the latent noise seed of (seed, epoch, rank, step), so batch `step` of `epoch` is a
 pure function of both: resume is exact by construction, and the state is just (epoch, step).
 
 Memory. Only the windows a batch touches are decoded, plus the epoch's next one (on a background
@@ -42,7 +49,10 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from model.config import UNetConfig
 
 # Keys of the batches the loader yields (the trainer's side of the contract).
-BATCH_LATENTS = "latents"
+BATCH_LATENTS = "latents"  # model-space latents: what LatentSampler makes of the moments below
+BATCH_LATENT_MEAN = schema.LATENT_MEAN
+BATCH_LATENT_LOGVAR = schema.LATENT_LOGVAR
+BATCH_NOISE_SEED = "noise_seed"
 BATCH_TEXT_STATES = schema.TEXT_STATES
 BATCH_TEXT_MASK = schema.EMPTY_CAPTION_MASK  # same name for a batch and for the empty caption
 BATCH_KEYS = "keys"
@@ -56,10 +66,36 @@ def _rng(*parts: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(p) for p in parts]))
 
 
-def seeded_generator(*parts: int) -> torch.Generator:
-    """A generator seeded from a tuple of ints (63 bits: within torch's accepted seed range)."""
+def derived_seed(*parts: int) -> int:
+    """A seed derived from a tuple of ints (63 bits: within torch's accepted seed range)."""
     state = np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) >> 1)
+    return int(state) >> 1
+
+
+def seeded_generator(*parts: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator of `device` seeded from a tuple of ints."""
+    return torch.Generator(device=device).manual_seed(derived_seed(*parts))
+
+
+@dataclass(frozen=True)
+class LatentSampler:
+    """A batch's stored VAE moments -> one latent sample in model space, on the moments' device.
+
+    The noise comes from a generator of that device seeded by the batch's noise seed: the same batch gives
+    the same sample on the same kind of device (CPU and CUDA generators draw different numbers)."""
+
+    shift_factor: float
+    scaling_factor: float
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> "LatentSampler":
+        return cls(manifest.shift_factor, manifest.scaling_factor)
+
+    def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
+        mean, logvar = batch[BATCH_LATENT_MEAN], batch[BATCH_LATENT_LOGVAR]  # (B, C, h, w)
+        generator = torch.Generator(device=mean.device).manual_seed(int(batch[BATCH_NOISE_SEED]))
+        z = FrozenVAE.sample_latents(mean.float(), logvar.float(), generator=generator)  # raw VAE space
+        return (z - self.shift_factor) * self.scaling_factor  # (B, C, h, w) float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,15 +427,14 @@ class FeatureLoader:
         return out
 
     def _to_tensors(self, rows: dict[str, np.ndarray], epoch: int, step: int) -> dict[str, Any]:
-        mean = torch.from_numpy(rows[schema.LATENT_MEAN]).float()  # (B, C, h, w)
-        logvar = torch.from_numpy(rows[schema.LATENT_LOGVAR]).float()  # (B, C, h, w)
-        noise_gen = seeded_generator(self.cfg.seed, epoch, self.rank, step, _NOISE)
-        z = FrozenVAE.sample_latents(mean, logvar, generator=noise_gen)  # raw VAE space
-        latents = (z - self.manifest.shift_factor) * self.manifest.scaling_factor  # (B, C, h, w)
         states = torch.from_numpy(rows[schema.TEXT_STATES])  # (B, L, D) float16: half the bytes to copy
         length = torch.from_numpy(rows[schema.TEXT_LENGTH].astype(np.int64))  # (B,)
         mask = torch.arange(states.shape[1])[None, :] < length[:, None]  # (B, L)
-        batch: dict[str, Any] = {BATCH_LATENTS: latents, BATCH_TEXT_STATES: states, BATCH_TEXT_MASK: mask}
+        batch: dict[str, Any] = {
+            BATCH_LATENT_MEAN: torch.from_numpy(rows[schema.LATENT_MEAN]),  # (B, C, h, w) float16
+            BATCH_LATENT_LOGVAR: torch.from_numpy(rows[schema.LATENT_LOGVAR]),  # (B, C, h, w) float16
+            BATCH_NOISE_SEED: derived_seed(self.cfg.seed, epoch, self.rank, step, _NOISE),
+            BATCH_TEXT_STATES: states, BATCH_TEXT_MASK: mask}
         if self.cfg.with_text:
             batch[BATCH_KEYS] = rows[schema.KEY].tolist()
             batch[BATCH_CAPTIONS] = rows[schema.CAPTION].tolist()

@@ -4,7 +4,7 @@
     batch = next(stream)            # host tensors (pinned): .to(device, non_blocking=True) returns at once
     state = stream.state_dict()     # the loader's position after the last batch TAKEN, not the last made
 
-The loader's host work (Parquet rows -> tensors, the latent sample) then runs while the GPU computes
+The loader's host work (Parquet rows -> float16 tensors, no sampling or conversion) then runs while the GPU computes
 the previous micro-batches instead of between them: numpy and torch release the GIL in that work. A
 copy from pinned memory is a DMA the GPU schedules itself; from pageable memory it would block the
 host. The thread runs epoch after epoch until close(); an error in it is raised by the next `next()`.

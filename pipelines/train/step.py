@@ -1,7 +1,11 @@
 """One optimizer step of the U-Net on a DeepSpeed engine: micro-batches, the NaN policy, the stats.
 
-    stepper = TrainStep(engine, schedule, objective_cfg, empty_caption, lr_schedule, guard, seed, rank)
-    stats = stepper.run(step, micro_batches)       # len(micro_batches) == gradient accumulation steps
+    stepper = TrainStep(engine, schedule, objective_cfg, empty_caption, lr_schedule, guard, seed, rank,
+                        device, LatentSampler.from_manifest(manifest))
+    stats = stepper.run(step, micro_batches)       # loader batches; len == gradient accumulation steps
+
+Each micro-batch arrives as the loader made it (stored float16 moments, on the host); the latent sample
+and every conversion run on the device.
 
 Randomness: micro-batch m of step s on rank r draws its timesteps, noise and caption drops from a
 generator seeded by (seed, r, s, m): a pure function of the position, so a resumed run draws exactly
@@ -26,7 +30,16 @@ import torch
 from torch import Tensor
 
 from model.schedule import NoiseSchedule
-from pipelines.data.loader import BATCH_LATENTS, BATCH_TEXT_MASK, BATCH_TEXT_STATES, seeded_generator
+from pipelines.data.loader import (
+    BATCH_LATENT_LOGVAR,
+    BATCH_LATENT_MEAN,
+    BATCH_LATENTS,
+    BATCH_NOISE_SEED,
+    BATCH_TEXT_MASK,
+    BATCH_TEXT_STATES,
+    LatentSampler,
+    seeded_generator,
+)
 from pipelines.train.objective import ObjectiveConfig, diffusion_loss
 from pipelines.train.policy import LRSchedule, NonFiniteGuard, all_ranks_agree
 
@@ -42,12 +55,12 @@ def engine_dtype(engine: Any) -> torch.dtype:
 class TrainStep:
     def __init__(self, engine: Any, schedule: NoiseSchedule, objective: ObjectiveConfig,
                  empty_caption: tuple[Tensor, Tensor], lr_schedule: LRSchedule, guard: NonFiniteGuard,
-                 seed: int, rank: int, device: torch.device,
+                 seed: int, rank: int, device: torch.device, sampler: LatentSampler,
                  memory_format: torch.memory_format = torch.contiguous_format) -> None:
         self.engine, self.objective, self.lr_schedule, self.guard = engine, objective, lr_schedule, guard
         self.schedule = schedule.to(device)
         self.empty = (empty_caption[0].to(device), empty_caption[1].to(device))
-        self.seed, self.rank, self.device = seed, rank, device
+        self.seed, self.rank, self.device, self.sampler = seed, rank, device, sampler
         self.dtype = engine_dtype(engine)
         # The layout of the activations. ZeRO keeps the weights as views of its flat buffers (contiguous),
         # so channels_last applies to the inputs; every conv then runs NHWC and passes that layout on.
@@ -57,10 +70,12 @@ class TrainStep:
         return self.engine(x_t.to(self.dtype, memory_format=self.memory_format), t, states.to(self.dtype), mask)
 
     def _to_device(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], Tensor]:
-        """-> the micro-batch on the device with non-finite inputs zeroed (so its forward stays finite and
-        a zero loss gives exactly zero gradients), and a () bool flag: were all its inputs finite."""
+        """A loader batch -> the micro-batch on the device, its latents sampled there, non-finite inputs
+        zeroed (so its forward stays finite and a zero loss gives exactly zero gradients); and a () bool
+        flag: were all its inputs finite."""
         moved = {k: batch[k].to(self.device, non_blocking=True)
-                 for k in (BATCH_LATENTS, BATCH_TEXT_STATES, BATCH_TEXT_MASK)}
+                 for k in (BATCH_LATENT_MEAN, BATCH_LATENT_LOGVAR, BATCH_TEXT_STATES, BATCH_TEXT_MASK)}
+        moved[BATCH_LATENTS] = self.sampler({**moved, BATCH_NOISE_SEED: batch[BATCH_NOISE_SEED]})
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         for key in (BATCH_LATENTS, BATCH_TEXT_STATES):
             finite = finite & torch.isfinite(moved[key]).all()

@@ -23,7 +23,14 @@ from model.unet import UNet
 from pipelines.core.config import from_dict
 from pipelines.core.progress import Progress
 from pipelines.core.tracking import MLflowSettings, Tracker
-from pipelines.data.loader import BATCH_TEXT_MASK, BATCH_TEXT_STATES, FeatureLoader, LoaderConfig, load_empty_caption
+from pipelines.data.loader import (
+    BATCH_TEXT_MASK,
+    BATCH_TEXT_STATES,
+    FeatureLoader,
+    LatentSampler,
+    LoaderConfig,
+    load_empty_caption,
+)
 from pipelines.inference.draw import EncoderSources
 from pipelines.inference.export import ExportInfo, write_export
 from pipelines.train import checkpoint
@@ -109,6 +116,7 @@ class Worker:
         self.guard = NonFiniteGuard(cfg.nonfinite)
         self.stepper = TrainStep(self.engine, cfg.objective.noise_schedule(), cfg.objective, self.empty,
                                  cfg.lr_schedule(), self.guard, cfg.seed, rank, self.device,
+                                 LatentSampler.from_manifest(self.loader.manifest),
                                  torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
         # before the first step: an encoder missing on this node fails the run now, not at the first preview
         self.previews = PreviewGrid(cfg.samples, self.loader.manifest, rank, world_size, self.device)
