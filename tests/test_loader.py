@@ -139,8 +139,81 @@ def test_state_saved_after_an_epoch_resumes_at_the_next_and_rejects_a_different_
     resumed = FeatureLoader(tmp_path, cfg)
     resumed.load_state_dict(state)
     assert (resumed.epoch, resumed.step) == (1, 0)
-    with pytest.raises(ValueError, match="world_size"):
-        FeatureLoader(tmp_path, cfg, rank=0, world_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        FeatureLoader(tmp_path, dataclasses.replace(cfg, seed=1)).load_state_dict(state)
+    with pytest.raises(ValueError, match="order_version"):  # saved by a loader that ordered rows otherwise
+        FeatureLoader(tmp_path, cfg).load_state_dict({k: v for k, v in state.items() if k != "order_version"})
+
+
+def _epoch_rest(loaders) -> list[list[str]]:
+    """Each loader's keys for the rest of its current epoch."""
+    return [epoch_keys(loader) for loader in loaders]
+
+
+def _resumed(directory, cfg, world_size, state):
+    loaders = [FeatureLoader(directory, cfg, rank=r, world_size=world_size) for r in range(world_size)]
+    for loader in loaders:
+        loader.load_state_dict(json.loads(json.dumps(state)))  # through a JSON checkpoint
+    return loaders
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_a_resume_on_another_world_size_neither_loses_nor_repeats_a_row_of_the_epoch(tmp_path, drop_last):
+    rows = write_features(tmp_path, [9, 8, 7, 11, 5, 10])  # 50 rows
+    cfg = LoaderConfig(batch_size=3, window_shards=2, drop_last=drop_last, with_text=True)
+    four = [FeatureLoader(tmp_path, cfg, rank=r, world_size=4) for r in range(4)]
+    for stop in range(1, four[0].batches_per_epoch):
+        for loader in four:
+            loader.set_epoch(0)
+        before = [k for loader in four for batch in itertools.islice(loader, stop) for k in batch[BATCH_KEYS]]
+        state = four[1].state_dict()
+        assert state["world_size"] == 4 and state["step"] == stop
+        two = _resumed(tmp_path, dataclasses.replace(cfg, batch_size=4), 2, state)  # same global batch: 2 x 4 ...
+        after = _epoch_rest(two)
+        assert len({len(keys) for keys in after}) == 1  # the ranks stay in step
+        seen = before + [k for keys in after for k in keys]
+        assert len(seen) == len(set(seen)), stop  # nothing repeated
+        rest = len(rows) - len(before)  # what no rank had taken: shared anew among 2
+        dropped = rest % 2 + (2 * ((rest // 2) % 4) if drop_last else 0)
+        assert len(set(rows) - set(seen)) == dropped, stop  # nothing lost but the new layout's stated remainder
+        assert [loader.epoch for loader in two] == [1, 1]
+        # the next epoch is the new world size's own, as if it had started there
+        fresh = [FeatureLoader(tmp_path, dataclasses.replace(cfg, batch_size=4), rank=r, world_size=2) for r in range(2)]
+        for loader in fresh:
+            loader.set_epoch(1)
+        assert _epoch_rest(two) == _epoch_rest(fresh)
+
+
+def test_layouts_chain_within_an_epoch_and_resume_exactly_on_the_last_one(tmp_path):
+    rows = write_features(tmp_path, [12, 9, 14, 7, 10, 8])  # 60 rows
+    cfg = LoaderConfig(batch_size=2, window_shards=2, with_text=True)
+    four = [FeatureLoader(tmp_path, cfg, rank=r, world_size=4) for r in range(4)]
+    taken = [k for loader in four for batch in itertools.islice(loader, 2) for k in batch[BATCH_KEYS]]  # 16
+    two = _resumed(tmp_path, cfg, 2, four[0].state_dict())
+    taken += [k for loader in two for batch in itertools.islice(loader, 3) for k in batch[BATCH_KEYS]]  # 12
+    state = two[0].state_dict()
+    assert [layout[:2] for layout in state["layouts"]] == [[4, 2]]
+    three = _resumed(tmp_path, cfg, 3, state)
+    rest = _epoch_rest(three)
+    seen = taken + [k for keys in rest for k in keys]
+    assert len(seen) == len(set(seen)) and len(set(rows) - set(seen)) == (60 - 28) % 3 + 3 * (((60 - 28) // 3) % 2)
+    # a checkpoint on the new world size after the re-share resumes it exactly
+    again = _resumed(tmp_path, cfg, 2, state)
+    assert _epoch_rest(again) == _epoch_rest(_resumed(tmp_path, cfg, 2, state))
+    continued = _resumed(tmp_path, cfg, 2, state)
+    first = [list(itertools.islice(loader, 1)) for loader in continued]
+    resumed = _resumed(tmp_path, cfg, 2, continued[0].state_dict())
+    whole = _epoch_rest(_resumed(tmp_path, cfg, 2, state))
+    assert [[k for b in f for k in b[BATCH_KEYS]] + keys for f, keys in zip(first, _epoch_rest(resumed))] == whole
+
+
+def test_each_rank_reads_its_own_share_of_the_shards(tmp_path):
+    """A rank reads about 1/W of the feature bytes (bench/loader_io.py counts them at the file)."""
+    from bench.loader_io import main
+
+    figures = main(["--rows", "512", "--shards", "8", "--batch", "4", "--world-sizes", "2,4"])
+    for world_size, got in figures["world_sizes"].items():
+        assert got["max_fraction"] < 1.25 / int(world_size), (world_size, got)
 
 
 def test_batches_carry_the_stored_moments_and_the_sample_is_drawn_where_they_are(tmp_path):

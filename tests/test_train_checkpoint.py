@@ -59,8 +59,8 @@ def test_a_checkpoint_at_a_uri_is_verified_and_loaded_through_a_temporary_local_
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the fetched copy goes
-    assert checkpoint.verify(uri, 1, fingerprint)["step"] == 2
-    state = checkpoint.load(uri, fresh, rank=0)
+    assert checkpoint.verify(uri, fingerprint)["step"] == 2
+    state = checkpoint.load(uri, fresh, rank=0, world_size=1)
     assert state["step"] == 2 and state["note"] == "rank 0"
     assert all(torch.equal(a, b) for a, b in zip(_weights(fresh).values(), _weights(trained).values()))
     assert fresh.global_steps == trained.global_steps == 2

@@ -251,8 +251,6 @@ def test_truncated_or_foreign_checkpoint_is_refused(work, ref, tmp_path):
     shutil.copytree(latest, copy)
     with pytest.raises(checkpoint.CheckpointError, match="another config"):
         run_training(make_cfg(work, "foreign", f"checkpoint.resume_from={copy}", "objective.min_snr_gamma=1.0"))
-    with pytest.raises(checkpoint.CheckpointError, match="workers"):
-        checkpoint.verify(str(copy), 4, {})
     shard = next(copy.rglob("*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(checkpoint.CheckpointError, match="damaged"):

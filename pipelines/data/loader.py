@@ -14,17 +14,23 @@ The loader stays on the host and hands over the stored moments; the sample z = m
 float16 -> float32 conversion run where the batch is used (on the GPU in training), with noise from a
 generator of that device seeded by `noise_seed`.
 
-Order. Each epoch the shards are permuted and grouped into windows of `window_shards` shards, and
-the rows of a window are permuted. Every rank computes the same epoch order, drops its last N % W
-positions (so all ranks get N // W rows and the same number of batches: collective ops stay in
-step) and takes every W-th position, starting at its rank. The order is a pure function of
-(seed, epoch) and the latent noise seed of (seed, epoch, rank, step), so batch `step` of `epoch` is a
+Order. Each epoch the shards are permuted: that sequence of rows is cut into W contiguous shares of
+N // W rows (the last N % W rows are no rank's this epoch: a different set each epoch), and each share
+into windows of `window_shards` shards whose rows are permuted. Rank r reads its own share only: its
+shards, and of the (at most two) shards it shares with a neighbour only the Parquet row groups it needs.
+All ranks get the same number of batches, so collective ops stay in step. The order is a pure function
+of (seed, epoch) and the latent noise seed of (seed, epoch, rank, step), so batch `step` of `epoch` is a
 pure function of both: resume is exact by construction, and the state is just (epoch, step).
 
-Memory. Only the windows a batch touches are decoded, plus the epoch's next one (on a background
-thread), and of those only this rank's rows, kept as float16. Shards are read with pyarrow (the needed columns only) and
-reshaped without copying. Each rank reads whole shards and keeps its 1/W share: on one node the
-page cache serves the other ranks; across nodes that is W reads of each shard per epoch.
+Another world size. A state saved under W ranks resumes under W' (the spot-instance case): the rows of
+the epoch no rank had taken yet (the rest of each share, and the N % W rows) become the epoch's sequence,
+shared anew among W'. No row of the epoch is lost or repeated; the order of the rest of that epoch is not
+the one an uninterrupted run on either world size would have seen. The state records each layout
+(world size, batch size, steps taken), and the rest is recomputed from them.
+
+Memory. Only the windows a batch touches are decoded, plus the share's next one (on a background
+thread), kept as float16. Shards are read with pyarrow (the needed columns and row groups only) and
+reshaped without copying.
 
 No Ray here: this runs inside Ray Train workers and on machines with only torch and pyarrow.
 """
@@ -32,7 +38,7 @@ No Ray here: this runs inside Ray Train workers and on machines with only torch 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -57,6 +63,9 @@ BATCH_TEXT_STATES = schema.TEXT_STATES
 BATCH_TEXT_MASK = schema.EMPTY_CAPTION_MASK  # same name for a batch and for the empty caption
 BATCH_KEYS = "keys"
 BATCH_CAPTIONS = "captions"
+
+# Bumped when the order of rows for a given (seed, epoch) changes: a saved position means nothing under another.
+ORDER_VERSION = 2
 
 # Domain tags keep the random streams for shard order, row order and latent noise independent.
 _SHARD_ORDER, _ROW_ORDER, _NOISE = 1, 2, 3
@@ -191,42 +200,126 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.window_shards must be >= 0 (0 = all), got {self.window_shards}")
 
 
-class EpochPlan:
-    """Which (shard, row) rank r reads at each of its positions j in one epoch.
+@dataclass(frozen=True)
+class Layout:
+    """One way the ranks shared an epoch: W ranks of `batch_size` rows, and the steps they took before a
+    resume on another world size (or batch size) took over the rest of the epoch."""
 
-    Global position g runs over the epoch order (windows back to back); rank r owns g = r + j * W
-    for g < kept = W * (N // W). `rank_start[w]` is the first j inside window w.
-    """
+    world_size: int
+    batch_size: int
+    steps: int
 
-    def __init__(self, shard_rows: np.ndarray, cfg: LoaderConfig, epoch: int, rank: int, world_size: int):
-        self.shard_rows, self.cfg, self.epoch = shard_rows, cfg, epoch
-        self.rank, self.world_size = rank, world_size
-        self.kept = world_size * (int(shard_rows.sum()) // world_size)
-        order = np.arange(len(shard_rows))
-        if cfg.shuffle:
-            order = _rng(cfg.seed, epoch, _SHARD_ORDER).permutation(len(shard_rows))
-        per = cfg.window_shards or len(order)
-        self.windows = [order[i:i + per] for i in range(0, len(order), per)]
-        sizes = [int(shard_rows[w].sum()) for w in self.windows]
-        self.window_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # (n_windows + 1,)
-        bounded = np.minimum(self.window_start, self.kept)
-        self.rank_start = -((rank - bounded) // world_size)  # ceil((g - r) / W): first j with g >= bound
+
+# An epoch's sequence of rows is a list of "pieces": (shard, start, stop) runs of a shard's rows, (P, 3) int64.
+
+
+def _initial_pieces(shard_rows: np.ndarray, cfg: LoaderConfig, epoch: int) -> np.ndarray:
+    """Every non-empty shard whole, in the epoch's shard order: (P, 3)."""
+    order = np.arange(len(shard_rows))
+    if cfg.shuffle:
+        order = _rng(cfg.seed, epoch, _SHARD_ORDER).permutation(len(shard_rows))
+    order = order[shard_rows[order] > 0]
+    return np.stack([order, np.zeros_like(order), shard_rows[order]], axis=1).astype(np.int64).reshape(-1, 3)
+
+
+def _slice_pieces(pieces: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Sequence positions [lo, hi) of `pieces`, as pieces."""
+    ends = np.cumsum(pieces[:, 2] - pieces[:, 1])  # (P,) position after each piece
+    starts = ends - (pieces[:, 2] - pieces[:, 1])
+    keep = (ends > lo) & (starts < hi)
+    out = pieces[keep].copy()
+    out[:, 1] += np.maximum(lo - starts[keep], 0)
+    out[:, 2] -= np.maximum(ends[keep] - hi, 0)
+    return out
+
+
+def _runs(shard_ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """A set of (shard, row) -> the fewest pieces that hold exactly it, sorted by shard and row."""
+    if len(rows) == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    order = np.lexsort((rows, shard_ids))
+    shard_ids, rows = shard_ids[order], rows[order]
+    new_run = np.ones(len(rows), dtype=bool)
+    new_run[1:] = (shard_ids[1:] != shard_ids[:-1]) | (rows[1:] != rows[:-1] + 1)
+    first = np.flatnonzero(new_run)
+    last = np.append(first[1:], len(rows)) - 1
+    return np.stack([shard_ids[first], rows[first], rows[last] + 1], axis=1).astype(np.int64)
+
+
+class RankShare:
+    """Rank r's share of a sequence of pieces: the contiguous positions [r*K, (r+1)*K), K = rows // W, cut
+    into windows of `window_shards` shards whose rows are permuted (seed, epoch, layout, rank, window).
+
+    Contiguous shares make each rank read only its own shards (and at most two partial ones at its edges),
+    not every shard of the epoch. The last rows % W positions are no rank's this epoch."""
+
+    def __init__(self, pieces: np.ndarray, cfg: LoaderConfig, epoch: int, layout: int, rank: int, world_size: int):
+        self.cfg, self.epoch, self.layout, self.rank = cfg, epoch, layout, rank
+        self.total = int((pieces[:, 2] - pieces[:, 1]).sum())
+        self.rows = self.total // world_size
+        self.pieces = _slice_pieces(pieces, rank * self.rows, (rank + 1) * self.rows)
+        # window w holds pieces [bounds[w], bounds[w + 1])
+        bounds, shards = [0], set()
+        for i, shard in enumerate(self.pieces[:, 0].tolist()):
+            if cfg.window_shards and shard not in shards and len(shards) == cfg.window_shards:
+                bounds.append(i)
+                shards = set()
+            shards.add(shard)
+        self.bounds = bounds + [len(self.pieces)]
+        lengths = np.concatenate([[0], np.cumsum(self.pieces[:, 2] - self.pieces[:, 1])])
+        self.window_start = lengths[self.bounds].astype(np.int64)  # (n_windows + 1,): first j of each window
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.bounds) - 1
 
     def window_of(self, j: int) -> int:
-        # side="right": an empty window shares its start with the next one; pick the non-empty one
-        return int(np.searchsorted(self.rank_start, j, side="right")) - 1
+        return int(np.searchsorted(self.window_start, j, side="right")) - 1
 
     def window_rows(self, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard ids, rows inside the shard) of this rank's positions in window w, in order."""
-        shards = self.windows[w]
-        shard_ids = np.repeat(shards, self.shard_rows[shards])
-        rows = np.concatenate([np.arange(self.shard_rows[s]) for s in shards])
+        pieces = self.pieces[self.bounds[w]:self.bounds[w + 1]]
+        shard_ids = np.repeat(pieces[:, 0], pieces[:, 2] - pieces[:, 1])
+        rows = np.concatenate([np.arange(a, b) for _, a, b in pieces]) if len(pieces) else np.zeros(0, np.int64)
         if self.cfg.shuffle:
-            perm = _rng(self.cfg.seed, self.epoch, w, _ROW_ORDER).permutation(len(rows))
+            perm = _rng(self.cfg.seed, self.epoch, self.layout, self.rank, w, _ROW_ORDER).permutation(len(rows))
             shard_ids, rows = shard_ids[perm], rows[perm]
-        j = np.arange(self.rank_start[w], self.rank_start[w + 1])
-        positions = self.rank + j * self.world_size - self.window_start[w]
-        return shard_ids[positions], rows[positions]
+        return shard_ids, rows
+
+    def untaken(self, taken: int) -> np.ndarray:
+        """The pieces of this share not among its first `taken` positions."""
+        if taken >= self.rows:
+            return np.zeros((0, 3), dtype=np.int64)
+        w = self.window_of(taken)
+        shard_ids, rows = self.window_rows(w)
+        k = taken - int(self.window_start[w])
+        return np.concatenate([_runs(shard_ids[k:], rows[k:]), self.pieces[self.bounds[w + 1]:]])
+
+
+class EpochPlan:
+    """Which (shard, row) rank r reads at each of its positions j in one epoch, under the current layout.
+
+    Without a resume on another world size, the epoch's sequence is its shards in the epoch's order. After
+    one, it is what the earlier layouts' ranks had not taken yet (each rank's untaken rows, then the rows no
+    rank had): a pure function of (seed, epoch, the layouts), so it is recomputed, never stored."""
+
+    def __init__(self, shard_rows: np.ndarray, cfg: LoaderConfig, epoch: int, rank: int, world_size: int,
+                 history: tuple[Layout, ...] = ()):
+        self.epoch, self.history = epoch, history
+        pieces = _initial_pieces(shard_rows, cfg, epoch)
+        for index, layout in enumerate(history):
+            shares = [RankShare(pieces, cfg, epoch, index, r, layout.world_size) for r in range(layout.world_size)]
+            rest = [share.untaken(layout.steps * layout.batch_size) for share in shares]
+            covered = layout.world_size * shares[0].rows
+            pieces = np.concatenate(rest + [_slice_pieces(pieces, covered, shares[0].total)])
+        self.share = RankShare(pieces, cfg, epoch, len(history), rank, world_size)
+        self.rows = self.share.rows  # this rank's positions j in [0, rows)
+
+    def window_of(self, j: int) -> int:
+        return self.share.window_of(j)
+
+    def window_rows(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.share.window_rows(w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,7 +330,8 @@ class EpochPlan:
 class FeatureLoader:
     """Iterate this rank's batches; `state_dict()` after any batch resumes right after it.
 
-    The state is the same on every rank (epoch, step), so any rank's state resumes all of them.
+    The state is the same on every rank (epoch, step, layouts), so any rank's state resumes all of them, on
+    the same world size exactly, or on another one with the rest of the epoch re-shared (`load_state_dict`).
     """
 
     def __init__(self, directory: str | Path, cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
@@ -255,12 +349,14 @@ class FeatureLoader:
         if cfg.with_text:
             self._columns += [schema.KEY, schema.CAPTION]
         self.epoch, self.step = 0, 0
+        # The layouts of earlier world sizes in the current epoch (a resume on another world size); () usually.
+        self.history: tuple[Layout, ...] = ()
         self._plan: EpochPlan | None = None
-        # (epoch, window) -> decoded rows, as futures: the next window decodes in the background
-        self._windows: dict[tuple[int, int], Future] = {}
+        # (epoch, layouts, window) -> decoded rows, as futures: the next window decodes in the background
+        self._windows: dict[tuple[int, int, int], Future] = {}
         self._pool: ThreadPoolExecutor | None = None
 
-    # ---- sizes ------------------------------------------------------------------------------
+    # ---- sizes (of an epoch that started on this world size) ------------------------------------
 
     @property
     def num_rows(self) -> int:
@@ -287,7 +383,10 @@ class FeatureLoader:
 
     @property
     def batches_per_epoch(self) -> int:
-        full, partial = divmod(self.rows_per_rank, self.cfg.batch_size)
+        return self._batches(self.rows_per_rank, self.cfg.batch_size)
+
+    def _batches(self, rows: int, batch_size: int) -> int:
+        full, partial = divmod(rows, batch_size)
         return full + int(partial > 0 and not self.cfg.drop_last)
 
     def __len__(self) -> int:
@@ -298,39 +397,55 @@ class FeatureLoader:
     def _fingerprint(self) -> dict[str, Any]:
         """What fixes the order: a resume under any other value would not continue the same run."""
         c = self.cfg
-        return {"seed": c.seed, "world_size": self.world_size, "batch_size": c.batch_size,
-                "drop_last": c.drop_last, "shuffle": c.shuffle, "window_shards": c.window_shards,
-                "num_rows": self.num_rows}
+        return {"order_version": ORDER_VERSION, "seed": c.seed, "drop_last": c.drop_last, "shuffle": c.shuffle,
+                "window_shards": c.window_shards, "num_rows": self.num_rows}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, **self._fingerprint()}
+        return {"epoch": self.epoch, "step": self.step, "world_size": self.world_size,
+                "batch_size": self.cfg.batch_size, "layouts": [list(astuple(x)) for x in self.history],
+                **self._fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where `state` stopped. On the same world size and batch size: exactly the batches the
+        uninterrupted run would have had. On another one: the rows of the epoch that no rank had taken yet,
+        shared anew among this world size (none lost, none repeated; their order and grouping into
+        batches differ from any uninterrupted run's); the next epochs are this world size's own."""
         mine = self._fingerprint()
         changed = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in mine.items() if state.get(k) != v]
         if changed:
-            raise ValueError("loader state comes from a different data order and cannot resume exactly: "
-                             + "; ".join(changed))
+            raise ValueError("loader state comes from a different data order and cannot resume: " + "; ".join(changed))
         epoch, step = int(state["epoch"]), int(state["step"])
-        if not 0 <= step <= self.batches_per_epoch:
-            raise ValueError(f"loader state step {step} is outside [0, {self.batches_per_epoch}]")
-        if step == self.batches_per_epoch:  # saved right after an epoch's last batch
-            epoch, step = epoch + 1, 0
+        history = tuple(Layout(*map(int, x)) for x in state["layouts"])
+        saved_world, saved_batch = int(state["world_size"]), int(state["batch_size"])
+        saved_plan = EpochPlan(self._shard_rows, self.cfg, epoch, 0, saved_world, history)
+        saved_batches = self._batches(saved_plan.rows, saved_batch)
+        if not 0 <= step <= saved_batches:
+            raise ValueError(f"loader state step {step} is outside [0, {saved_batches}]")
+        if step == saved_batches:  # saved right after an epoch's last batch
+            epoch, step, history = epoch + 1, 0, ()
+        elif (saved_world, saved_batch) != (self.world_size, self.cfg.batch_size) and step > 0:
+            history, step = history + (Layout(saved_world, saved_batch, step),), 0
         self.set_epoch(epoch, step)
+        self.history = history
 
     def set_epoch(self, epoch: int, step: int = 0) -> None:
-        self.epoch, self.step = int(epoch), int(step)
+        """Go to batch `step` of `epoch` as this world size starts it."""
+        self.epoch, self.step, self.history = int(epoch), int(step), ()
 
     # ---- iteration --------------------------------------------------------------------------
+
+    def _epoch_batches(self, epoch: int) -> int:
+        """Batches of `epoch` under the current layout (fewer than batches_per_epoch after a re-share)."""
+        return self._batches(self._plan_for(epoch).rows, self.cfg.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """The rest of the current epoch; at its end the position moves to the next epoch.
 
         Resume with load_state_dict() and iterate: calling set_epoch() afterwards restarts the epoch."""
-        if self.step >= self.batches_per_epoch:  # stopped right after the last batch: next epoch
+        if self.step >= self._epoch_batches(self.epoch):  # stopped right after the last batch: next epoch
             self.set_epoch(self.epoch + 1)
         epoch = self.epoch
-        while self.epoch == epoch and self.step < self.batches_per_epoch:
+        while self.epoch == epoch and self.step < self._epoch_batches(epoch):
             step = self.step
             batch = self.batch(epoch, step)
             self.step = step + 1  # before yielding: a checkpoint taken now resumes after this batch
@@ -339,47 +454,52 @@ class FeatureLoader:
             self.set_epoch(epoch + 1)
 
     def batch(self, epoch: int, step: int) -> dict[str, Any]:
-        """Batch `step` of `epoch` for this rank (a pure function of both; does not move the position)."""
-        if not 0 <= step < self.batches_per_epoch:
-            raise IndexError(f"step {step} is outside [0, {self.batches_per_epoch})")
+        """Batch `step` of `epoch` for this rank (a pure function of both and the current layouts; does not
+        move the position)."""
+        if not 0 <= step < self._epoch_batches(epoch):
+            raise IndexError(f"step {step} is outside [0, {self._epoch_batches(epoch)})")
         return self._to_tensors(self._rows(epoch, step), epoch, step)
 
+    def _history_for(self, epoch: int) -> tuple[Layout, ...]:
+        return self.history if epoch == self.epoch else ()
+
     def _plan_for(self, epoch: int) -> EpochPlan:
-        if self._plan is None or self._plan.epoch != epoch:
-            self._plan = EpochPlan(self._shard_rows, self.cfg, epoch, self.rank, self.world_size)
+        history = self._history_for(epoch)
+        if self._plan is None or (self._plan.epoch, self._plan.history) != (epoch, history):
+            self._plan = EpochPlan(self._shard_rows, self.cfg, epoch, self.rank, self.world_size, history)
         return self._plan
 
     def _rows(self, epoch: int, step: int) -> dict[str, np.ndarray]:
         """This rank's rows j0..j1 as numpy arrays (float16 features), possibly across two windows."""
         plan = self._plan_for(epoch)
+        share, layout = plan.share, len(plan.history)
         j0 = step * self.cfg.batch_size
-        j1 = min(j0 + self.cfg.batch_size, self.rows_per_rank)
-        first, last = plan.window_of(j0), plan.window_of(j1 - 1)
+        j1 = min(j0 + self.cfg.batch_size, plan.rows)
+        first, last = share.window_of(j0), share.window_of(j1 - 1)
         # Windows are read in order: free the past (and anything a set_epoch jumped away from).
-        for key in [k for k in self._windows if k[0] != epoch or k[1] < first]:
+        for key in [k for k in self._windows if k[:2] != (epoch, layout) or k[2] < first]:
             del self._windows[key]
         parts = []
         for w in range(first, last + 1):
-            start, end = plan.rank_start[w], plan.rank_start[w + 1]
+            start, end = share.window_start[w], share.window_start[w + 1]
             if min(j1, end) > max(j0, start):
-                data = self._window(epoch, w)
+                data = self._window(plan, w)
                 parts.append({k: v[max(j0, start) - start:min(j1, end) - start] for k, v in data.items()})
         # Not across epochs: one window decode per epoch stays inline, and a single-window data set
         # is never held twice (the next epoch's first window would be the whole set again).
-        if self.cfg.prefetch and last + 1 < len(plan.windows):
-            self._window_future(epoch, last + 1)
+        if self.cfg.prefetch and last + 1 < share.num_windows:
+            self._window_future(plan, last + 1)
         if len(parts) == 1:
             return parts[0]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def _window(self, epoch: int, w: int) -> dict[str, np.ndarray]:
-        return self._window_future(epoch, w).result()
+    def _window(self, plan: EpochPlan, w: int) -> dict[str, np.ndarray]:
+        return self._window_future(plan, w).result()
 
-    def _window_future(self, epoch: int, w: int) -> Future:
+    def _window_future(self, plan: EpochPlan, w: int) -> Future:
         """The decoded window, started now if needed: on the background thread when prefetching."""
-        key = (epoch, w)
+        key = (plan.epoch, len(plan.history), w)
         if key not in self._windows:
-            plan = self._plan_for(epoch)
             if self.cfg.prefetch:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feature-loader")
@@ -402,29 +522,45 @@ class FeatureLoader:
         return out
 
     def _read_shard(self, index: int, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """The needed columns of one shard, only `rows` of them: {column: (len(rows), ...)}."""
+        """The needed columns of one shard, only `rows` of them: {column: (len(rows), ...)}. Reads the
+        footer, then only the row groups that hold those rows."""
         name = self.manifest.shards[index]["name"]
         path = f"{self._root}/{name}"
         try:
-            table = pq.read_table(path, columns=self._columns, filesystem=self._fs)
+            source = self._fs.open_input_file(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: listed in {schema.MANIFEST_FILE} but missing; the feature "
                                     f"directory is incomplete (rerun jobs/precompute_latents.py)") from None
-        expected_rows = int(self._shard_rows[index])
-        if table.num_rows != expected_rows:
-            raise ValueError(f"{path}: {table.num_rows} rows but {schema.MANIFEST_FILE} says {expected_rows}")
-        expected = self.manifest.shapes.arrow_schema()
-        for column in self._columns:
-            if table.schema.field(column).type != expected.field(column).type:
-                raise ValueError(f"{path}: column {column} is {table.schema.field(column).type}, the manifest's "
-                                 f"shapes need {expected.field(column).type}")
+        with source:
+            parquet = pq.ParquetFile(source)
+            expected_rows = int(self._shard_rows[index])
+            if parquet.metadata.num_rows != expected_rows:
+                raise ValueError(f"{path}: {parquet.metadata.num_rows} rows but {schema.MANIFEST_FILE} says "
+                                 f"{expected_rows}")
+            expected, found = self.manifest.shapes.arrow_schema(), parquet.schema_arrow
+            for column in self._columns:
+                if found.field(column).type != expected.field(column).type:
+                    raise ValueError(f"{path}: column {column} is {found.field(column).type}, the manifest's "
+                                     f"shapes need {expected.field(column).type}")
+            group_rows = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+            group_start = np.concatenate([[0], np.cumsum(group_rows)]).astype(np.int64)
+            group_of = np.searchsorted(group_start, rows, side="right") - 1  # (len(rows),)
+            groups = np.unique(group_of)
+            table = parquet.read_row_groups(groups.tolist(), columns=self._columns)
+        # row -> its index in the table of the groups read (their rows back to back, in group order)
+        read_start = np.concatenate([[0], np.cumsum(np.asarray(group_rows)[groups])])[:-1]
+        local = rows - group_start[group_of] + read_start[np.searchsorted(groups, group_of)]
         shapes = self.manifest.shapes
         arrays = {schema.LATENT_MEAN: shapes.latent, schema.LATENT_LOGVAR: shapes.latent,
                   schema.TEXT_STATES: shapes.text}
-        out = {column: schema.column_array(table, column, shape)[rows] for column, shape in arrays.items()}
+        out = {column: schema.column_array(table, column, shape)[local] for column, shape in arrays.items()}
         for column in (c for c in self._columns if c not in arrays):  # length, key, caption
-            out[column] = table.column(column).to_numpy(zero_copy_only=False)[rows]
+            out[column] = table.column(column).to_numpy(zero_copy_only=False)[local]
         return out
+
+    def _noise_seed(self, epoch: int, step: int) -> int:
+        layouts = len(self._history_for(epoch))
+        return derived_seed(self.cfg.seed, epoch, self.rank, step, _NOISE, *([layouts] if layouts else []))
 
     def _to_tensors(self, rows: dict[str, np.ndarray], epoch: int, step: int) -> dict[str, Any]:
         states = torch.from_numpy(rows[schema.TEXT_STATES])  # (B, L, D) float16: half the bytes to copy
@@ -433,7 +569,7 @@ class FeatureLoader:
         batch: dict[str, Any] = {
             BATCH_LATENT_MEAN: torch.from_numpy(rows[schema.LATENT_MEAN]),  # (B, C, h, w) float16
             BATCH_LATENT_LOGVAR: torch.from_numpy(rows[schema.LATENT_LOGVAR]),  # (B, C, h, w) float16
-            BATCH_NOISE_SEED: derived_seed(self.cfg.seed, epoch, self.rank, step, _NOISE),
+            BATCH_NOISE_SEED: self._noise_seed(epoch, step),
             BATCH_TEXT_STATES: states, BATCH_TEXT_MASK: mask}
         if self.cfg.with_text:
             batch[BATCH_KEYS] = rows[schema.KEY].tolist()

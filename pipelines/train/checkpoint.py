@@ -9,6 +9,14 @@ reports it to Ray Train, which merges the ranks' files into one folder on the ru
                                        non-finite guard, RNG states, step
     rank_00000/complete.json           written LAST by each rank: every file that rank wrote, with its size
 
+Another world size (the spot-instance case, 4 workers become 2): the driver converts the checkpoint's
+DeepSpeed state once into DeepSpeed's universal format (`deepspeed/<tag>_universal`: each parameter's fp32
+master and Adam moments whole, independent of the partitioning) with `prepare_universal`, and every new
+rank loads its own partition of it; the EMA is put together from every old rank's fragments and cut again,
+and the loader shares the rest of the epoch among the new ranks (pipelines/data/loader.py). Weights,
+optimizer states, EMA and step are restored exactly; the order of the rest of that epoch differs from an
+uninterrupted run's.
+
 A checkpoint is usable only when meta.json and every rank's complete.json exist and every listed file
 is there with its size. Anything else (a partial upload, a truncated file, a rank missing) is a
 CheckpointError that says what is missing: never a silent fresh start. DeepSpeed's own load returns
@@ -98,21 +106,55 @@ def read_meta(checkpoint_dir: str) -> dict[str, Any]:
     return storage.read_json(path)
 
 
-def verify(checkpoint_dir: str, world_size: int, current_fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """Check that a checkpoint is complete and belongs to this config; returns its meta."""
+def verify(checkpoint_dir: str, current_fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Check that a checkpoint is complete (every rank that wrote it) and belongs to this config; returns
+    its meta."""
     meta = read_meta(checkpoint_dir)
-    if meta.get("world_size") != world_size:
-        raise CheckpointError(f"checkpoint {checkpoint_dir} was written by {meta.get('world_size')} workers, this "
-                              f"run has {world_size}: ZeRO partitions, EMA shards and the data order depend on it "
-                              "(set scaling.num_workers back, or start a new run_name)")
     changed = config_differences(meta.get("fingerprint", {}), current_fingerprint)
     if changed:
         raise CheckpointError(f"checkpoint {checkpoint_dir} comes from another config; resuming would not continue "
                               "the same run. Differences:\n  " + "\n  ".join(changed) +
                               "\nUse the original config, or a new run_name to start a new run")
-    for rank in range(world_size):
+    for rank in range(int(meta["world_size"])):
         _verify_rank(checkpoint_dir, rank, meta["step"])
     return meta
+
+
+def resharded(meta: dict[str, Any], world_size: int) -> bool:
+    """Does a run on `world_size` workers load this checkpoint through the universal format?"""
+    return int(meta["world_size"]) != world_size
+
+
+def universal_tag(meta: dict[str, Any]) -> str:
+    return f"{meta['tag']}_universal"
+
+
+def prepare_universal(checkpoint_dir: str) -> str:
+    """The checkpoint's DeepSpeed state in the universal format, next to it (made once; a later call finds
+    it): deepspeed/<tag>_universal. Runs on the driver, before the workers start. Returns its location."""
+    meta = read_meta(checkpoint_dir)
+    target = storage.join(checkpoint_dir, DEEPSPEED_DIR, universal_tag(meta))
+    done = storage.join(target, COMPLETE_FILE)
+    if storage.is_file(done):
+        return target
+    import argparse
+    import tempfile
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    source = storage.join(checkpoint_dir, DEEPSPEED_DIR, meta["tag"])
+    with storage.local_dir(source) as local_source, tempfile.TemporaryDirectory(prefix="universal-") as tmp:
+        out = Path(tmp) / universal_tag(meta)
+        # inject_missing_state: the step's universal-format info, which a model without tensor or pipeline
+        # parallelism (ours) does not record when it saves
+        ds_to_universal(argparse.Namespace(input_folder=local_source, output_folder=str(out), num_extract_workers=1,
+                                           num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                           inject_missing_state=True))
+        files = sorted(p for p in out.rglob("*") if p.is_file())
+        for path in files:
+            storage.write_bytes(storage.join(target, path.relative_to(out).as_posix()), path.read_bytes())
+        storage.write_json(done, {"tag": universal_tag(meta), "files": len(files), "from_world_size": meta["world_size"]})
+    return target
 
 
 def _verify_rank(checkpoint_dir: str, rank: int, step: int) -> None:
@@ -143,21 +185,35 @@ def _walk(root: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- loading
 
 
-def load(checkpoint_dir: str, engine: Any, rank: int) -> dict[str, Any]:
-    """Load DeepSpeed state into the engine and return this rank's trainer state (call verify first).
-    checkpoint_dir may be a local path or a URI (see pipelines/core/storage.py)."""
+def load(checkpoint_dir: str, engine: Any, rank: int, world_size: int) -> dict[str, Any]:
+    """Load DeepSpeed state into the engine and return the trainer state (call verify first).
+    checkpoint_dir may be a local path or a URI (see pipelines/core/storage.py).
+
+    Same world size: this rank's own trainer state. Another one (the engine was built with DeepSpeed's
+    `checkpoint.load_universal`, and the driver ran prepare_universal): rank 0's trainer state, with
+    "ema_shards" (every old rank's EMA state) instead of "ema", and the RNG state of old rank
+    rank % old world size."""
     meta = read_meta(checkpoint_dir)
-    tag_dir = storage.join(checkpoint_dir, DEEPSPEED_DIR, meta["tag"])
+    tag = universal_tag(meta) if resharded(meta, world_size) else meta["tag"]
+    tag_dir = storage.join(checkpoint_dir, DEEPSPEED_DIR, tag)
     if not storage.is_dir(tag_dir):
         raise CheckpointError(f"DeepSpeed found no state under {tag_dir}")
     # DeepSpeed opens local paths only: a checkpoint at a URI (checkpoint.resume_from=s3://...) has its
     # deepspeed/<tag> folder fetched to a temporary local copy first (every rank's shard: ZeRO-1/2 read them all).
     with storage.local_dir(tag_dir) as local_tag_dir:
-        path, _ = engine.load_checkpoint(os.path.dirname(local_tag_dir), tag=meta["tag"],
+        path, _ = engine.load_checkpoint(os.path.dirname(local_tag_dir), tag=tag,
                                          load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
-        raise CheckpointError(f"DeepSpeed found no state under {checkpoint_dir}/{DEEPSPEED_DIR}/{meta['tag']}")
-    return _torch_load(storage.join(checkpoint_dir, rank_dir(rank), TRAINER_STATE_FILE))
+        raise CheckpointError(f"DeepSpeed found no state under {checkpoint_dir}/{DEEPSPEED_DIR}/{tag}")
+    if not resharded(meta, world_size):
+        return _torch_load(storage.join(checkpoint_dir, rank_dir(rank), TRAINER_STATE_FILE))
+    saved = [_torch_load(storage.join(checkpoint_dir, rank_dir(r), TRAINER_STATE_FILE))
+             for r in range(int(meta["world_size"]))]
+    state = dict(saved[0])
+    state["rng"] = saved[rank % len(saved)]["rng"]
+    state["ema_shards"] = [s.pop("ema") for s in saved]
+    state.pop("ema", None)
+    return state
 
 
 def pretrained_weights(location: str) -> dict[str, torch.Tensor]:

@@ -149,10 +149,12 @@ class TrainConfig:
         return EMAConfig(max_decay=self.ema.max_decay, start_step=self.ema.start_step, warmup=self.ema.warmup)
 
 
-# What may change between a run and its resume without changing the trajectory of the weights.
-# Everything else is part of the fingerprint a checkpoint is checked against.
+# What may change between a run and its resume. All but the last two leave the trajectory of the weights
+# as it was; another number of workers or micro batch (same global batch) resumes through DeepSpeed's
+# universal checkpoint with the data re-shared (pipelines/train/checkpoint.py). Everything else is part of
+# the fingerprint a checkpoint is checked against.
 RESUMABLE_CHANGES = ("run_name", "max_steps", "log_every", "storage_path", "max_failures", "checkpoint", "samples",
-                     "mlflow", "scaling.cpus_per_worker")
+                     "mlflow", "scaling.cpus_per_worker", "scaling.num_workers", "batch.micro_batch")
 
 
 def fingerprint(cfg: TrainConfig) -> dict[str, Any]:

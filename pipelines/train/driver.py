@@ -56,8 +56,18 @@ def check_existing_checkpoint(cfg: TrainConfig) -> str | None:
     """The checkpoint this launch will continue from (verified), or None for a fresh start."""
     found = checkpoint.latest_checkpoint(run_dir(cfg)) or cfg.checkpoint.resume_from
     if found:
-        checkpoint.verify(found, cfg.scaling.num_workers, fingerprint(cfg))
+        checkpoint.verify(found, fingerprint(cfg))
     return found
+
+
+def prepare_resume(found: str, num_workers: int) -> None:
+    """A checkpoint of another world size gets its DeepSpeed state in the universal format (once)."""
+    meta = checkpoint.read_meta(found)
+    if checkpoint.resharded(meta, num_workers):
+        log.info("checkpoint %s was written by %d workers, this run has %d: converting its DeepSpeed state to "
+                 "the universal format, and sharing the rest of the epoch among %d", found, meta["world_size"],
+                 num_workers, num_workers)
+        log.info("universal checkpoint: %s", checkpoint.prepare_universal(found))
 
 
 def run_tags(cfg: TrainConfig, plan: LaunchPlan) -> dict[str, str]:
@@ -97,6 +107,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     directory = run_dir(cfg)
     if resumed_from:
         log.info("continuing run %s from checkpoint %s", cfg.run_name, resumed_from)
+        prepare_resume(resumed_from, cfg.scaling.num_workers)
     tracker = Tracker.open(cfg.mlflow, cfg.run_name, tags=run_tags(cfg, plan))
     tracker.log_params(flatten(to_dict(cfg)))
     tracker.log_dict(to_dict(cfg), "config.json")

@@ -46,7 +46,7 @@ import abc
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -327,6 +327,33 @@ class ShardedEMA:
             raise ValueError("the EMA state's fp32 master fragments differ from this run's (another model, or "
                              "other DeepSpeed partitioning settings): start from the exported full weights")
         self.ema.load_state_dict(state["ema"])
+
+    @torch.no_grad()
+    def load_resharded(self, states: Sequence[Mapping[str, Any]]) -> None:
+        """Load the EMA that EVERY rank of a run with another world size (or ZeRO stage) saved: each
+        parameter is put together from the saved fragments, and this rank keeps its own fragment of it.
+        Exact: the values are copied, never recomputed. No communication; each rank reads all the files."""
+        if not states or any("fragments" not in state for state in states):
+            raise ValueError("not the ShardedEMA states of every rank (a rank's file is missing or has no "
+                             "'fragments' entry)")
+        if states[0]["layout"] == _WholeLayout.kind:
+            states = states[:1]  # every rank saved the whole parameters
+        shadow = {}
+        for name, frag in self.layout.fragments.items():
+            if name not in self.ema.shadow:  # this rank owns none of it
+                continue
+            whole = torch.zeros(math.prod(frag.shape), dtype=torch.float32)
+            covered = 0
+            for state in states:
+                start, numel = state["fragments"][name]
+                if numel:
+                    whole.narrow(0, start, numel).copy_(state["ema"]["shadow"][name].reshape(-1))
+                    covered += numel
+            if covered != whole.numel():
+                raise ValueError(f"the saved EMA fragments of {name} cover {covered} of its {whole.numel()} "
+                                 "elements: a rank's file is missing or from another checkpoint")
+            shadow[name] = whole.narrow(0, frag.start, frag.numel) if frag.group is not None else whole
+        self.ema.load_state_dict({**states[0]["ema"], "shadow": shadow})
 
     # --- full weights ------------------------------------------------------------------------------------
 

@@ -68,8 +68,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = from_dict(TrainConfig, config["train"])
     launch = Launch(**config["launch"])
     context = ray.train.get_context()
-    worker = Worker(cfg, launch, context.get_world_rank(), context.get_world_size())
-    worker.restore(ray.train.get_checkpoint())
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    ray_checkpoint = ray.train.get_checkpoint()  # Ray's latest checkpoint of this run, after a restart or resume
+    if ray_checkpoint is not None:
+        with ray_checkpoint.as_directory() as local:
+            worker = Worker(cfg, launch, rank, world_size, resume_from=local)
+    else:  # checkpoint.resume_from, or a fresh start
+        worker = Worker(cfg, launch, rank, world_size, resume_from=cfg.checkpoint.resume_from)
     worker.train()
     worker.export()
     worker.close()
@@ -83,9 +88,11 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def build_engine(cfg: TrainConfig, micro_batch: int, grad_accum_steps: int, world_size: int) -> Any:
+def build_engine(cfg: TrainConfig, micro_batch: int, grad_accum_steps: int, world_size: int,
+                 load_universal: bool = False) -> Any:
     """The U-Net (the preset or init_from's weights, checkpointing as configured) in a DeepSpeed engine,
-    compiled with cfg.model.compile's torch.compile backend when one is given."""
+    compiled with cfg.model.compile's torch.compile backend when one is given. load_universal: the engine
+    will load a universal checkpoint (one of another world size)."""
     import deepspeed
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -94,6 +101,8 @@ def build_engine(cfg: TrainConfig, micro_batch: int, grad_accum_steps: int, worl
         unet.load_state_dict(checkpoint.pretrained_weights(cfg.model.init_from))  # a local path or a URI
     unet.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
     ds_config = build_deepspeed_config(cfg.deepspeed, micro_batch, grad_accum_steps, world_size)
+    if load_universal:
+        ds_config["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=unet, model_parameters=list(unet.parameters()), config=ds_config)
     if cfg.model.compile:
         engine.compile(backend=cfg.model.compile)  # compiles engine.module in place: same state-dict keys
@@ -101,10 +110,15 @@ def build_engine(cfg: TrainConfig, micro_batch: int, grad_accum_steps: int, worl
 
 
 class Worker:
-    def __init__(self, cfg: TrainConfig, launch: Launch, rank: int, world_size: int) -> None:
+    def __init__(self, cfg: TrainConfig, launch: Launch, rank: int, world_size: int,
+                 resume_from: str | None = None) -> None:
+        """resume_from: a checkpoint (local path or URI) to continue from; None starts fresh."""
         self.cfg, self.launch, self.rank, self.world_size = cfg, launch, rank, world_size
         self.device = _device()
-        self.engine = build_engine(cfg, launch.micro_batch, launch.grad_accum_steps, world_size)
+        meta = checkpoint.verify(resume_from, fingerprint(cfg)) if resume_from else None
+        resharded = meta is not None and checkpoint.resharded(meta, world_size)
+        self.engine = build_engine(cfg, launch.micro_batch, launch.grad_accum_steps, world_size,
+                                   load_universal=resharded)
         self.zero3 = is_zero3_partitioned(self.engine.module)
         self.ema = ShardedEMA(self.engine, cfg.ema_config()) if cfg.ema.enabled else None
 
@@ -125,25 +139,21 @@ class Worker:
         self.stream: Prefetcher | None = None
         self.start_step = 0
         self.last_stats: dict[str, float] = {}
+        if resume_from:
+            self._load(resume_from)
 
     # ---- restore ------------------------------------------------------------------------------
 
-    def restore(self, ray_checkpoint: Any) -> None:
-        """Continue from Ray's latest checkpoint of this run, else from checkpoint.resume_from, else fresh."""
-        if ray_checkpoint is not None:
-            with ray_checkpoint.as_directory() as local:
-                self._load(local)
-        elif self.cfg.checkpoint.resume_from:
-            self._load(self.cfg.checkpoint.resume_from)
-
     def _load(self, directory: str) -> None:
-        checkpoint.verify(directory, self.world_size, fingerprint(self.cfg))
-        state = checkpoint.load(directory, self.engine, self.rank)
-        self.loader.load_state_dict(state["loader"])
+        state = checkpoint.load(directory, self.engine, self.rank, self.world_size)
+        self.loader.load_state_dict(state["loader"])  # on another world size: the rest of the epoch re-shared
         self.guard.load_state_dict(state["guard"])
         checkpoint.set_rng_state(state["rng"])
         if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
+            if "ema_shards" in state:
+                self.ema.load_resharded(state["ema_shards"])
+            else:
+                self.ema.load_state_dict(state["ema"])
         self.start_step = int(state["step"])
         log.info("rank %d resumed from %s at step %d", self.rank, directory, self.start_step)
 
