@@ -7,6 +7,7 @@ The fits are module-scoped fixtures, each run once and shared by the tests that 
 - killed:  the same config, a Ray Train worker SIGKILLed after the first checkpoint (automatic resume)
 - zero1 / zero3: the same config under ZeRO-1 (with MLflow unreachable) and ZeRO-3
 - overfit: a 16-image set, 30 steps, sample grids and a registered model
+- four:    4 workers to a mid-epoch checkpoint, resumed on 2 (the universal checkpoint)
 """
 
 import os
@@ -125,6 +126,25 @@ def test_init_from_a_uri_starts_from_that_export(work, ref):
     assert max((after[k] - start[k]).abs().max().item() for k in start) <= lr * 1.01
     fresh = UNet(make_cfg(work, "x").model.unet_config()).state_dict()
     assert max((fresh[k] - start[k]).abs().max().item() for k in start) > 10 * lr
+
+
+def test_a_four_worker_checkpoint_resumes_on_two_workers(work, ray_local):
+    """The spot-instance case through the job: 4 workers checkpoint mid-epoch (step 5 of 2-step epochs), 2
+    workers continue from it (DeepSpeed's universal checkpoint, the EMA and the rest of the epoch re-shared).
+    With nothing left to train, the 2-worker export is the 4-worker run's EMA, bit for bit."""
+    common = ("batch.micro_batch=4", "ema.start_step=2", "checkpoint.every_steps=5")
+    four = run_training(make_cfg(work, "four", "scaling.num_workers=4", "scaling.cpus_per_worker=0.5",
+                                 "max_steps=5", *common))
+    step_5 = checkpoint.latest_checkpoint(four.run_dir)
+    assert checkpoint.read_meta(step_5)["world_size"] == 4
+    same = run_training(make_cfg(work, "two-at-5", f"checkpoint.resume_from={step_5}", "max_steps=5", *common))
+    a, b = exported_weights(four), exported_weights(same)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (Path(step_5) / checkpoint.DEEPSPEED_DIR / "step_000000005_universal" / checkpoint.COMPLETE_FILE).is_file()
+    two = run_training(make_cfg(work, "two", f"checkpoint.resume_from={step_5}", "max_steps=7", *common))
+    history = losses(work, two.mlflow_run_id)
+    assert sorted(history) == [6, 7] and all(np.isfinite(list(history.values())))
+    assert checkpoint.read_meta(checkpoint.latest_checkpoint(two.run_dir))["world_size"] == 2
 
 
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list) -> None:
