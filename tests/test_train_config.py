@@ -64,6 +64,8 @@ def test_validation_names_the_key(tmp_path):
         validate_for_launch(load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml", ["max_steps=0"]))
     with pytest.raises(ConfigError, match="model.compile: 'inductr' is not a torch.compile backend"):
         validate_for_launch(load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml", ["model.compile=inductr"]))
+    with pytest.raises(ConfigError, match="scaling.placement_strategy must be one of PACK, SPREAD"):
+        load_config(TrainConfig, CONFIGS / "tiny-cpu.yaml", ["scaling.placement_strategy=spread"])
 
 
 # ------------------------------------------------------------------------------- tracker

@@ -177,8 +177,13 @@ def killed(work, ray_local):
 
 
 def test_sigkilled_worker_is_replaced_and_the_run_finishes_exactly(work, ref, killed):
+    from mlflow import MlflowClient
+
     result, pids = killed
     assert pids, "no Ray Train worker was found to kill"
+    assert (result.restarts, ref.restarts) == (1, 0)  # in the report ...
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    assert [m.value for m in client.get_metric_history(result.mlflow_run_id, "restarts")] == [1.0]  # ... and MLflow
     assert losses(work, result.mlflow_run_id) == losses(work, ref.mlflow_run_id)
     a, b = exported_weights(ref), exported_weights(result)
     assert all(torch.equal(a[k], b[k]) for k in a)

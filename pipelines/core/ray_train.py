@@ -9,12 +9,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from pipelines.core.config import ConfigError
+
+# Ray's placement strategies for the worker group's bundles (one per worker).
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
 
 @dataclass(frozen=True)
 class ScalingSettings:
     num_workers: int = 2
     use_gpu: bool = False  # one GPU per worker and NCCL; else CPU workers and gloo
     cpus_per_worker: float = 1.0  # also the worker's OpenMP thread count
+    # PACK fills a node before the next (8 GPUs of a node on NVLink); STRICT_SPREAD puts no two workers on
+    # one node (one GPU per node, or a test that loses a node)
+    placement_strategy: str = "PACK"
+
+    def __post_init__(self) -> None:
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(f"scaling.placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                              f"got {self.placement_strategy!r}")
 
 
 def worker_env(scaling: ScalingSettings) -> dict[str, str]:
@@ -44,7 +57,8 @@ def build_torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any
         loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker},
+                                     placement_strategy=scaling.placement_strategy),
         torch_config=TorchConfig(backend=process_group_backend(scaling)),
         run_config=RunConfig(name=run_name, storage_path=storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),

@@ -154,7 +154,8 @@ class TrainConfig:
 # universal checkpoint with the data re-shared (pipelines/train/checkpoint.py). Everything else is part of
 # the fingerprint a checkpoint is checked against.
 RESUMABLE_CHANGES = ("run_name", "max_steps", "log_every", "storage_path", "max_failures", "checkpoint", "samples",
-                     "mlflow", "scaling.cpus_per_worker", "scaling.num_workers", "batch.micro_batch")
+                     "mlflow", "scaling.cpus_per_worker", "scaling.placement_strategy", "scaling.num_workers",
+                     "batch.micro_batch")
 
 
 def fingerprint(cfg: TrainConfig) -> dict[str, Any]:

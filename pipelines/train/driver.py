@@ -21,7 +21,7 @@ from pipelines.core.job import Stage
 from pipelines.core.ray_train import build_torch_trainer
 from pipelines.core.runtime import REPO_ROOT, StageReport
 from pipelines.core.tracking import Tracker
-from pipelines.train import checkpoint
+from pipelines.train import attempts, checkpoint
 from pipelines.train.config import LaunchPlan, TrainConfig, fingerprint, validate_for_launch
 from pipelines.train.worker import EXPORT_DIR, Launch, train_loop_per_worker
 
@@ -44,6 +44,7 @@ class TrainResult:
     mlflow_run_id: str | None
     resumed_from: str | None
     seconds: float
+    restarts: int = 0  # worker group restarts after a lost worker or node, in this launch
 
 
 def run_dir(cfg: TrainConfig) -> str:
@@ -113,20 +114,32 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     tracker.log_dict(to_dict(cfg), "config.json")
     launch = Launch(features_dir=plan.features_dir, run_dir=directory, micro_batch=plan.micro_batch,
                     grad_accum_steps=plan.grad_accum_steps, mlflow=to_dict(tracker.settings),
-                    mlflow_run_id=tracker.run_id)
+                    mlflow_run_id=tracker.run_id, launch_id=attempts.new_launch_id())
     try:
         result = build_trainer(cfg, plan, launch).fit()
     except Exception as err:
+        tracker.log_metrics({"restarts": _restarts(directory, launch.launch_id)}, step=0)
         tracker.finish("FAILED")
         raise TrainingError(f"training run {cfg.run_name} failed: {err}") from err
+    restarts = _restarts(directory, launch.launch_id)
     export_dir = storage.join(directory, EXPORT_DIR)
     publish_model(tracker, export_dir, cfg.mlflow.registered_model)
     metrics = result.metrics or {}
+    tracker.log_metrics({"restarts": restarts}, step=int(metrics.get("step", cfg.max_steps)))
     outcome = TrainResult(run_dir=directory, export_dir=export_dir, steps=int(metrics.get("step", cfg.max_steps)),
                           final_loss=metrics.get("loss"), mlflow_run_id=tracker.run_id, resumed_from=resumed_from,
-                          seconds=round(time.time() - started, 1))
+                          seconds=round(time.time() - started, 1), restarts=restarts)
     tracker.finish("FINISHED")
     return outcome
+
+
+def _restarts(directory: str, launch_id: str) -> int:
+    """The worker group's restarts in this launch (after a lost worker or node): MLflow metric `restarts`
+    and the report's `restarts`."""
+    restarts = max(attempts.count_starts(directory, launch_id) - 1, 0)
+    if restarts:
+        log.warning("the worker group was restarted %d time(s) in this launch (a worker or node was lost)", restarts)
+    return restarts
 
 
 def publish_model(tracker: Tracker, export_dir: str, registered_model: str | None) -> None:

@@ -33,7 +33,7 @@ from pipelines.data.loader import (
 )
 from pipelines.inference.draw import EncoderSources
 from pipelines.inference.export import ExportInfo, write_export
-from pipelines.train import checkpoint
+from pipelines.train import attempts, checkpoint
 from pipelines.train.config import TrainConfig, fingerprint
 from pipelines.train.deepspeed_config import build_deepspeed_config
 from pipelines.train.ema_zero import ShardedEMA, is_zero3_partitioned
@@ -58,6 +58,7 @@ class Launch:
     grad_accum_steps: int
     mlflow: dict[str, Any]
     mlflow_run_id: str | None
+    launch_id: str = ""  # one per run_training call: counts the worker group's (re)starts
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -75,6 +76,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             worker = Worker(cfg, launch, rank, world_size, resume_from=local)
     else:  # checkpoint.resume_from, or a fresh start
         worker = Worker(cfg, launch, rank, world_size, resume_from=cfg.checkpoint.resume_from)
+    if rank == 0 and launch.launch_id:
+        attempts.record_start(launch.run_dir, launch.launch_id, worker.start_step, world_size)
     worker.train()
     worker.export()
     worker.close()
