@@ -13,8 +13,11 @@ export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 DS_OPS := $(TORCH_EXTENSIONS_DIR)/.built
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+# The local cluster of `make cluster-up`: its directory (state, logs, env.sh) and Ray worker nodes.
+CLUSTER_DIR ?= .cluster
+CLUSTER_WORKERS ?= 2
 
-.PHONY: install demo test test-fast bench constraints clean
+.PHONY: install demo test test-fast bench cluster-up cluster-down constraints clean
 
 install: $(STAMP) $(DS_OPS)
 
@@ -47,6 +50,14 @@ bench: install
 	$(PY) -m bench.unet_step --preset small --batch 2 --steps 6
 	$(PY) -m bench.train_throughput --preset tiny --batch 32
 	$(PY) -m bench.gpu_train --device cpu --preset tiny --res 64 --batch 4 --phases flops,eager,channels_last,mask,checkpointing,job --out $${TMPDIR:-/tmp}/bench-gpu-train-cpu.json
+
+# A cluster on 127.0.0.1 made of real parts (S3 object store, MLflow server, Ray head + worker nodes), left
+# running: then `source .cluster/env.sh` and `ray job submit` (docs/cluster.md). `make cluster-down` stops it.
+cluster-up: install
+	$(PY) -m pipelines.core.local_cluster up --dir $(CLUSTER_DIR) --workers $(CLUSTER_WORKERS)
+
+cluster-down: install
+	$(PY) -m pipelines.core.local_cluster down --dir $(CLUSTER_DIR)
 
 # Re-pin constraints.txt to what is installed now (after a deliberate upgrade).
 constraints: install

@@ -8,7 +8,9 @@ run_job, in order:
 2. check(cfg): everything that needs no cluster (values, paths, an existing output made from another
    config). A ConfigError, here or later, ends the job with exit status 2 and one line naming the key or file;
 3. joins the Ray cluster in RAY_ADDRESS (as under `ray job submit`) or starts an embedded one, for stages
-   that use Ray;
+   that use Ray; on a cluster of more than one node, a config whose MLflow store is a local file (the
+   default sqlite:///<cwd>/mlflow.db when MLFLOW_TRACKING_URI is unset) is a ConfigError
+   (tracking.check_store_is_shared);
 4. run(cfg) -> StageReport. Any other exception marks the report failed, with the traceback in the log;
 5. writes the report to report_path(cfg) and logs a one-line summary. Exit status 0: done; 1: the stage
    failed (its report says why).
@@ -23,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Generic, TypeVar
 
 from pipelines.core.config import ConfigError, parse_job_args
-from pipelines.core.runtime import EXIT_BAD_INPUT, StageReport, finish, init_ray, setup_logging
+from pipelines.core.runtime import EXIT_BAD_INPUT, StageReport, alive_ray_nodes, finish, init_ray, setup_logging
+from pipelines.core.tracking import MLflowSettings, check_store_is_shared
 
 log = logging.getLogger("latentforge")
 
@@ -31,6 +34,12 @@ C = TypeVar("C")
 
 def _no_check(cfg: C) -> C:
     return cfg
+
+
+def _mlflow_section(cfg: object) -> MLflowSettings | None:
+    """The config's `mlflow` section, the one place every stage keeps its MLflow settings."""
+    settings = getattr(cfg, "mlflow", None)
+    return settings if isinstance(settings, MLflowSettings) else None
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,8 @@ class Stage(Generic[C]):
     # Whether run_job starts or joins Ray, and how many CPUs an embedded Ray gets (None: all).
     uses_ray: bool = True
     ray_cpus: Callable[[C], int | None] = lambda cfg: None
+    # Where the config keeps its MLflow settings (None: it logs nothing), checked once Ray is up.
+    tracking: Callable[[C], MLflowSettings | None] = _mlflow_section
     # Flags that stand for --set KEY=VALUE (flag name -> help), e.g. sample_eval's --model.
     shorthands: dict[str, str] = field(default_factory=dict)
 
@@ -60,6 +71,8 @@ def run_stage(stage: Stage[C], cfg: C) -> int:
         cfg = stage.check(cfg)
         if stage.uses_ray:
             init_ray(stage.ray_cpus(cfg))
+            if (settings := stage.tracking(cfg)) is not None:
+                check_store_is_shared(settings, alive_ray_nodes())
         report = stage.run(cfg)
     except ConfigError as err:
         log.error("%s: bad config or input: %s", stage.name, _one_line(err))

@@ -44,6 +44,13 @@ def init_ray(num_cpus: int | None = None) -> None:
     log.info("started an embedded local Ray (RAY_ADDRESS is unset): %s", ray.cluster_resources())
 
 
+def alive_ray_nodes() -> int:
+    """How many nodes the Ray cluster this process joined has now (after init_ray)."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node["Alive"])
+
+
 @dataclass
 class StageReport:
     """Counts in / out / dropped per reason; written as JSON next to the stage's output."""

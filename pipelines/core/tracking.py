@@ -17,11 +17,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+import urllib.parse
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from pipelines.core import storage
+from pipelines.core.config import ConfigError
 
 log = logging.getLogger("latentforge.tracking")
 
@@ -60,6 +62,30 @@ class MLflowSettings:
         elif artifacts is not None and not storage.is_uri(artifacts):
             artifacts = str(Path(artifacts).resolve())
         return replace(self, tracking_uri=uri, artifact_location=artifacts)
+
+
+def is_file_store(tracking_uri: str) -> bool:
+    """Whether a tracking URI is a file on the machine that opens it (sqlite:///..., file:..., a plain path),
+    as opposed to a server or database every machine reaches at the same address ("databricks" has no scheme
+    either, as in MLflow's own is_local_uri)."""
+    return tracking_uri != "databricks" and urllib.parse.urlparse(tracking_uri).scheme in ("", "file", "sqlite")
+
+
+def check_store_is_shared(settings: MLflowSettings, alive_nodes: int) -> None:
+    """Refuse (ConfigError) a file tracking store for a job on a Ray cluster of more than one node.
+
+    MLflow calls run where the workers are (training's rank 0 logs from a worker node), and a file there is
+    a different file from the driver's: the run's metrics would land in a private SQLite file on one node, out
+    of sight. A warning would scroll by in a long job's log, so the job stops before it starts. A file on
+    storage that every node mounts is refused too: SQLite's locking over NFS is unreliable.
+    """
+    if not settings.enabled or alive_nodes <= 1:
+        return
+    uri = settings.resolved().tracking_uri
+    if is_file_store(uri):
+        raise ConfigError(f"mlflow: the tracking store {uri} is a file on one machine, but the Ray cluster has "
+                          f"{alive_nodes} nodes: set MLFLOW_TRACKING_URI (or mlflow.tracking_uri) to the cluster's "
+                          "tracking server, e.g. http://HEAD:5000, or set mlflow.enabled=false")
 
 
 class Tracker:
