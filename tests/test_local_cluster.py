@@ -1,4 +1,4 @@
-"""The local cluster (pipelines/core/local_cluster.py) checked through the real parts: moto's S3 server, `mlflow
+"""The local cluster (pipelines/core/local_cluster/) checked through the real parts: moto's S3 server, `mlflow
 server`, a Ray head with two worker nodes, drivers and `ray job submit` in subprocesses. One cluster serves
 the whole module (it takes a minute or two to start on 2 cores); the tests that change it (a lost node, stop)
 come last."""
@@ -13,8 +13,15 @@ import psutil
 import pytest
 
 from pipelines.core.config import ConfigError
-from pipelines.core.local_cluster import (ENV_FILE, STATE_FILE, LocalCluster, _process_tree, _processes_using,
-                                          env_script, main)
+from pipelines.core.local_cluster import (
+    ENV_FILE,
+    STATE_FILE,
+    LocalCluster,
+    _process_tree,
+    _processes_using,
+    env_script,
+    main,
+)
 from pipelines.core.tracking import MLflowSettings, check_store_is_shared
 
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
