@@ -67,7 +67,7 @@ class MetricSettings:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    model: str = ""  # exported model directory, or an MLflow URI (runs:/<id>/model, models:/<name>/<version>)
+    model: str = ""  # exported model directory (a path or s3://...), or runs:/<id>/model, models:/<name>/<version>
     prompts: str = ""  # .txt (one prompt a line) or .parquet / .jsonl with `prompt` and optional `seed`
     out: str = ""
     seed: int = 0  # seed of prompts that carry none: seed + their row number
@@ -113,12 +113,14 @@ def check_inputs(cfg: EvalConfig) -> None:
 # ------------------------------------------------------------------------------------------ the model
 
 
-def resolve_model(model: str, into: Path, tracking_uri: str | None) -> Path:
-    """A local exported-model directory for `model` (a path, or an MLflow runs:/ or models:/ URI)."""
+def resolve_model(model: str, into: Path, tracking_uri: str | None) -> str:
+    """Where the exported model directory is: `model` itself when it is a path (made absolute: the actors run in
+    other working directories) or a storage URI (s3://...: each actor fetches its own copy), else an MLflow
+    runs:/ or models:/ URI's artifacts downloaded into `into`."""
     from pipelines.inference.export import INDEX_FILE
 
     if not model.startswith(("runs:/", "models:/")):
-        return Path(model)
+        return storage.absolute(model)
     import mlflow
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(into),
@@ -126,11 +128,13 @@ def resolve_model(model: str, into: Path, tracking_uri: str | None) -> Path:
     found = sorted(local.rglob(INDEX_FILE))
     if not found:
         raise FileNotFoundError(f"{model} holds no exported model ({INDEX_FILE} not found in its artifacts)")
-    return found[0].parent
+    return str(found[0].parent)
 
 
 class SamplerActor:
-    """Ray Data callable class: one model load per actor; rows (prompt, seed, guidance) -> PNG bytes."""
+    """Ray Data callable class: one model load per actor; rows (prompt, seed, guidance) -> PNG bytes.
+    A model at a URI is fetched to a temporary local copy (the loaders open local files), removed once the
+    U-Net and the encoders are in memory."""
 
     def __init__(self, model_dir: str, sampling: dict[str, Any], use_gpu: bool) -> None:
         import torch
@@ -138,8 +142,9 @@ class SamplerActor:
         from pipelines.inference.export import load_exported
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = load_exported(model_dir, device=self.device)
-        self.vae, self.text = self.model.encoders.build(device=self.device)
+        with storage.local_dir(model_dir) as local:
+            self.model = load_exported(local, device=self.device)
+            self.vae, self.text = self.model.encoders.build(device=self.device)
         self.sampling = from_dict(SamplingSettings, sampling)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -171,14 +176,14 @@ def expand_rows(prompts: list[PromptRow], cfg: EvalConfig) -> list[dict[str, Any
     return rows
 
 
-def sample_all(cfg: EvalConfig, model_dir: Path, rows: list[dict[str, Any]]) -> dict[int, bytes]:
+def sample_all(cfg: EvalConfig, model_dir: str, rows: list[dict[str, Any]]) -> dict[int, bytes]:
     """Draw every row on the actor pool; returns {index: PNG bytes}."""
     import ray
 
     c = cfg.compute
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // c.batch_size, 4 * c.actors)))
     ds = ds.map_batches(SamplerActor, batch_size=c.batch_size, batch_format="numpy",
-                        fn_constructor_kwargs={"model_dir": str(model_dir.resolve()),
+                        fn_constructor_kwargs={"model_dir": model_dir,
                                                "sampling": to_dict(cfg.sampling), "use_gpu": c.num_gpus_per_actor > 0},
                         compute=ray.data.ActorPoolStrategy(size=c.actors),
                         num_cpus=c.num_cpus_per_actor, num_gpus=c.num_gpus_per_actor)
@@ -215,15 +220,26 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
 
 def log_to_mlflow(cfg: EvalConfig, settings: MLflowSettings, index: dict[str, Any], metrics: dict[str, Any]) -> None:
     parent = index.get("mlflow_run_id")
-    name = cfg.run_name or f"eval-{index.get('run_name') or Path(cfg.model).name}"
+    name = cfg.run_name or f"eval-{index.get('run_name') or cfg.model.rstrip('/').rpartition('/')[2]}"
     tracker = Tracker.open_child(settings, name, parent_run_id=parent)
     tracker.log_params({"model": cfg.model, "prompts": cfg.prompts, **{f"sampling.{k}": v
                         for k, v in to_dict(cfg.sampling).items()}})
     tracker.log_metrics(numeric_leaves(metrics), step=int(index.get("step", 0)))
-    for name in (METRICS_FILE, RESULTS_FILE):
-        tracker.log_artifact(storage.join(cfg.out, name))
-    tracker.log_artifacts(storage.join(cfg.out, GRIDS_DIR), GRIDS_DIR)
+    if tracker.active:
+        log_outputs(tracker, cfg.out)
     tracker.finish("FINISHED")
+
+
+def log_outputs(tracker: Tracker, out: str) -> None:
+    """metrics.json, results.jsonl and the grids as run artifacts. MLflow uploads local files only, so an OUT_DIR
+    at a URI has these (not the images) copied to a temporary local folder first."""
+    with tempfile.TemporaryDirectory(prefix="eval-artifacts-") as tmp:
+        for name in (METRICS_FILE, RESULTS_FILE):
+            local = Path(tmp) / name
+            local.write_bytes(storage.read_bytes(storage.join(out, name)))
+            tracker.log_artifact(local)
+        with storage.local_dir(storage.join(out, GRIDS_DIR)) as grids:
+            tracker.log_artifacts(grids, GRIDS_DIR)
 
 
 def numeric_leaves(values: dict[str, Any]) -> dict[str, float]:

@@ -126,20 +126,21 @@ class ExportedModel:
 
 
 def load_index(model_dir: str | Path) -> dict[str, Any]:
-    """model_index.json of an exported model, after checking the directory is complete."""
-    root = Path(model_dir)
-    index_path = root / INDEX_FILE
-    if not root.is_dir():
+    """model_index.json of an exported model, after checking the directory is complete. model_dir is a local
+    path or a URI (s3://...: an evaluation checks a model on object storage before any worker fetches it)."""
+    root = storage.absolute(model_dir).rstrip("/")
+    index_path = storage.join(root, INDEX_FILE)
+    if not storage.is_dir(root):
         raise FileNotFoundError(f"model directory {root} not found")
-    if not index_path.is_file():
+    if not storage.is_file(index_path):
         raise FileNotFoundError(f"{root} is not an exported model: {INDEX_FILE} is missing (it is written last, "
                                 "so the export is missing or was interrupted; rerun jobs/train_unet.py to export)")
-    index = json.loads(index_path.read_text())
+    index = storage.read_json(index_path)
     if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{index_path}: format {index.get('format')!r} v{index.get('format_version')} is not "
                          f"{FORMAT!r} v{FORMAT_VERSION}")
     for name in (f"{UNET_DIR}/{UNET_CONFIG_FILE}", f"{UNET_DIR}/{UNET_WEIGHTS_FILE}", EMPTY_CAPTION_FILE):
-        if not (root / name).is_file():
+        if not storage.is_file(storage.join(root, name)):
             raise FileNotFoundError(f"{root} is incomplete: {name} is missing (re-export the model)")
     return index
 

@@ -59,7 +59,11 @@ class PrecomputeConfig:
             raise ConfigError(f"compute.dtype must be one of {DTYPES}, got {c.dtype!r}")
         if c.read_concurrency < 1 or c.read_num_cpus <= 0:
             raise ConfigError("compute.read_concurrency must be >= 1 and compute.read_num_cpus > 0")
-        if self.vae.source != "tiny" and not storage.is_uri(self.vae.source) and not Path(self.vae.source).is_dir():
+        if self.vae.source != "tiny" and storage.is_uri(self.vae.source):
+            # The VAE's id records its directory, which a fetched temporary copy would change on every run.
+            raise ConfigError(f"vae.source: {self.vae.source!r} is a URI; give 'tiny' or a local diffusers directory "
+                              "(on a cluster: shared storage every node sees)")
+        if self.vae.source != "tiny" and not Path(self.vae.source).is_dir():
             raise ConfigError(f"vae.source: {self.vae.source!r} is neither 'tiny' nor a local diffusers directory")
         if self.text.weights and not Path(self.text.weights).expanduser().is_file():
             raise ConfigError(f"text.weights: file {self.text.weights!r} not found")

@@ -202,7 +202,7 @@ def _recorded_config(cfg: PrecomputeConfig) -> dict[str, Any]:
     evaluators started from another working directory rebuild the same encoders from it."""
     config = to_dict(cfg)
     source = cfg.vae.source
-    if source != "tiny" and not storage.is_uri(source):
+    if source != "tiny":  # a local directory (validate refuses URIs)
         config["vae"]["source"] = str(Path(source).resolve())
     return config
 
