@@ -47,10 +47,9 @@ from pipelines.data.precompute.config import REPORT_FILE as PRECOMPUTE_REPORT
 from pipelines.data.precompute.config import PrecomputeConfig
 from pipelines.data.precompute.driver import STAGE as PRECOMPUTE
 from pipelines.data.shards import iter_tar_samples
-from pipelines.eval.driver import METRICS_FILE
+from pipelines.eval.driver import METRICS_FILE, EvalConfig
 from pipelines.eval.driver import REPORT_FILE as EVAL_REPORT
 from pipelines.eval.driver import STAGE as SAMPLE_EVAL
-from pipelines.eval.driver import EvalConfig
 from pipelines.eval.outputs import RESULTS_FILE
 from pipelines.synthetic.shapes import PlantedCounts, SyntheticConfig, build_dataset
 from pipelines.synthetic.web import SyntheticServer, write_url_list

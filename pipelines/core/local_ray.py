@@ -29,6 +29,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipelines.core.service import Service
+
 # Where the heads' temp dirs go: short, because Ray's socket paths under it are limited in length.
 RAY_TEMP_PARENT = "/tmp"
 RAY_TEMP_PREFIX = "lfray-"
@@ -64,7 +66,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class LocalRayHead:
+class LocalRayHead(Service):
     """`ray start --head` in a private temp dir, with a token of its own; stop() ends only this head's
     processes and removes the dir (token included)."""
 
@@ -105,17 +107,6 @@ class LocalRayHead:
         for proc in alive:
             _signal(proc, signal.SIGKILL)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-    def __enter__(self) -> "LocalRayHead":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def uses_path(proc: Any, path: str) -> bool:

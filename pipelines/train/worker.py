@@ -76,8 +76,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             worker = Worker(cfg, launch, rank, world_size, resume_from=local)
     else:  # checkpoint.resume_from, or a fresh start
         worker = Worker(cfg, launch, rank, world_size, resume_from=cfg.checkpoint.resume_from)
-    if rank == 0 and launch.launch_id:
-        attempts.record_start(launch.run_dir, launch.launch_id, worker.start_step, world_size)
+    if launch.launch_id:
+        attempts.record_start(launch.run_dir, launch.launch_id, rank, ray.get_runtime_context().get_node_id(),
+                              worker.start_step, world_size)
     worker.train()
     worker.export()
     worker.close()

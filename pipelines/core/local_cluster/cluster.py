@@ -19,13 +19,14 @@ from pipelines.core.local_cluster.processes import _end, _pid_record, _process_t
 from pipelines.core.local_cluster.ray_nodes import _RAY_STOP_GRACE_S, LocalRayCluster
 from pipelines.core.local_cluster.tracking_server import LocalTrackingServer
 from pipelines.core.local_ray import FOREIGN_RAY_VARS
+from pipelines.core.service import Service
 
 STATE_FILE, ENV_FILE = "state.json", "env.sh"
 # Left over in a user's shell, these would override what env.sh sets (a profile's credentials, another token).
 _SHADOWING_VARS = ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3", *FOREIGN_RAY_VARS)
 
 
-class LocalCluster:
+class LocalCluster(Service):
     """Object store, tracking server and Ray cluster, started in that order (each one's address goes into the
     next one's environment), with their logs, the SQLite file, state.json and env.sh in one private directory
     (`directory`, created with mode 0700; None: a new temp dir). stop() ends it all and removes the directory."""
@@ -101,17 +102,6 @@ class LocalCluster:
                 part.stop()
         if remove_dir and self.directory:
             shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> "LocalCluster":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def env_script(env: Mapping[str, str]) -> str:

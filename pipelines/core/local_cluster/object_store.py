@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Mapping
 
 from pipelines.core.local_cluster.processes import _spawn, free_port, wait_for_http
+from pipelines.core.service import Service
 
 
-class LocalObjectStore:
+class LocalObjectStore(Service):
     """An S3-compatible server on 127.0.0.1 with one bucket, and the credentials to reach it."""
 
     def __init__(self, bucket: str = "latentforge", port: int | None = None, log_path: str | None = None) -> None:
@@ -62,13 +63,3 @@ class LocalObjectStore:
                 self.proc.wait()
         self.proc = None
 
-    def __enter__(self) -> "LocalObjectStore":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -28,6 +28,7 @@ from typing import Mapping
 from pipelines.core.config import ConfigError
 from pipelines.core.local_cluster.processes import _end, _processes_using, _signal_all, free_port
 from pipelines.core.local_ray import RAY_TEMP_PARENT, RAY_TEMP_PREFIX, TOKEN_FILE, private_ray_env, write_token
+from pipelines.core.service import Service
 
 # `ray start --address=...` without its refusal of RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (see the module doc):
 # the node's processes are started and left running, as `ray start` leaves them.
@@ -44,7 +45,7 @@ _RAY_STOP_GRACE_S = 5.0
 _CLIENT_ONLY_VARS = ("RAY_API_SERVER_ADDRESS",)
 
 
-class LocalRayCluster:
+class LocalRayCluster(Service):
     """A Ray head and worker nodes on 127.0.0.1 sharing one token; each node in its own temp dir under one
     private dir (mode 0700), removed by stop(). Worker node i has 1 CPU (cpus_per_worker) and resource node_w<i>."""
 
@@ -128,17 +129,6 @@ class LocalRayCluster:
         this user on the machine), then the dir with the token."""
         _end(_processes_using(self.root), grace_s=_RAY_STOP_GRACE_S)
         shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> "LocalRayCluster":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _run_starter(cmd: list[str], env: Mapping[str, str], what: str) -> None:
