@@ -20,11 +20,12 @@ into windows of `window_shards` shards whose rows are permuted. Rank r reads its
 shards, and of the (at most two) shards it shares with a neighbour only the Parquet row groups it needs.
 All ranks get the same number of batches, so collective ops stay in step. The order is a pure function
 of (seed, epoch) and the latent noise seed of (seed, epoch, rank, step), so batch `step` of `epoch` is a
-pure function of both: resume is exact by construction, and the state is just (epoch, step).
+pure function of both: resume on the same world size is exact by construction, from (epoch, step).
 
 Another world size. A state saved under W ranks resumes under W' (the spot-instance case): the rows of
 the epoch no rank had taken yet (the rest of each share, and the N % W rows) become the epoch's sequence,
-shared anew among W'. No row of the epoch is lost or repeated; the order of the rest of that epoch is not
+shared anew among W'. No row of the epoch is repeated, and none is lost beyond the new layout's own remainder (its
+rows % W', and with drop_last each rank's last partial batch); the order of the rest of that epoch is not
 the one an uninterrupted run on either world size would have seen. The state records each layout
 (world size, batch size, steps taken), and the rest is recomputed from them.
 
