@@ -60,7 +60,8 @@ def private_ray_env(base: Mapping[str, str], token_path: str, address: str | Non
     return env
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -74,7 +75,7 @@ class LocalRayHead(Service):
         self.temp_dir = tempfile.mkdtemp(prefix=RAY_TEMP_PREFIX, dir=RAY_TEMP_PARENT)  # mode 0700
         self.token_path = os.path.join(self.temp_dir, TOKEN_FILE)
         self.ray_dir = os.path.join(self.temp_dir, "ray")  # Ray's --temp-dir; Ray opens it to every user
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.num_cpus = num_cpus
 
@@ -86,7 +87,7 @@ class LocalRayHead(Service):
         write_token(self.temp_dir)
         # The client server's port is chosen too: Ray's default (10001) would clash with any other Ray here.
         cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={self.port}",
-               f"--ray-client-server-port={_free_port()}", f"--num-cpus={self.num_cpus}",
+               f"--ray-client-server-port={free_port()}", f"--num-cpus={self.num_cpus}",
                f"--temp-dir={self.ray_dir}", "--include-dashboard=false", "--disable-usage-stats"]
         env = private_ray_env(os.environ if base_env is None else base_env, self.token_path)
         subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
