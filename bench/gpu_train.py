@@ -134,6 +134,9 @@ class StandInEngine:
     def get_global_grad_norm(self) -> torch.Tensor | None:
         return self._grad_norm
 
+    def was_step_applied(self) -> bool:
+        return True  # no overflow check here (DeepSpeed's engines skip a step whose gradient norm is NaN/inf)
+
     def bfloat16_enabled(self) -> bool:
         return self.bf16
 

@@ -2,7 +2,8 @@
 
 Builds the dataset (pipelines/synthetic/shapes.py), writes it to --out (files/, routes.json, items.parquet),
 serves it on 127.0.0.1 at a free port (or --port), and writes --out/url_list.parquet pointing at
-the server: feed that to jobs/download_data.py. Stops on Ctrl-C or SIGTERM.
+the server: feed that to jobs/download_data.py with --set allow_private_addresses=true (127.0.0.1 is
+refused by default). Stops on Ctrl-C or SIGTERM.
 
 examples:
   python jobs/serve_synthetic.py --out /tmp/synth --set num_good=2000

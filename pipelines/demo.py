@@ -175,7 +175,8 @@ class Demo:
         size = f"image_size={c.image_size}"
         latent_side = c.image_size // vae_downsample_factor(tiny_vae_config())  # no model built for one number
         self.job("download", "download_data.py", "--config", "configs/tiny/download.yaml", "--set", size,
-                 "--set", f"url_list={self.path('synth/url_list.parquet')}", "--set", f"output_dir={self.path('raw')}")
+                 "--set", f"url_list={self.path('synth/url_list.parquet')}", "--set", f"output_dir={self.path('raw')}",
+                 "--set", "allow_private_addresses=true")  # the synthetic web is on 127.0.0.1
         self.job("filter", "filter_data.py", "--config", "configs/tiny/filter.yaml",
                  "--set", f"input_dir={self.path('raw')}", "--set", f"output_dir={self.path('filtered')}")
         self.job("train_vae", "train_vae.py", "--config", "configs/tiny/train_vae.yaml", "--set", size,

@@ -108,7 +108,8 @@ def pipeline(cluster, tmp_path_factory, monkeypatch_module):
         local_list = write_url_list(dataset, server.base_url, work / "urls.parquet")
         storage.write_bytes(storage.join(root, "urls.parquet"), local_list.read_bytes())
         timed("download", "jobs/download_data.py", "--config", "configs/tiny/download.yaml",
-              *_sets(f"url_list={root}/urls.parquet", f"output_dir={root}/raw", "number_sample_per_shard=15"))
+              *_sets(f"url_list={root}/urls.parquet", f"output_dir={root}/raw", "number_sample_per_shard=15",
+                     "allow_private_addresses=true"))
     timed("filter", "jobs/filter_data.py", "--config", "configs/tiny/filter.yaml",
           *_sets(f"input_dir={root}/raw", f"output_dir={root}/filtered"))
     timed("precompute", "jobs/precompute_latents.py", "--config", "configs/tiny/precompute.yaml",

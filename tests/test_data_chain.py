@@ -105,7 +105,7 @@ def chain(ray_local, tmp_path_factory):
     with SyntheticServer(dataset.responses) as server:
         url_list = write_url_list(dataset, server.base_url, root / "urls.parquet")
         dl_cfg = load_config(DownloadConfig, CONFIGS / "download.yaml",
-                             [f"url_list={url_list}", f"output_dir={raw}"])
+                             [f"url_list={url_list}", f"output_dir={raw}", "allow_private_addresses=true"])
         assert timed("download", lambda: run_stage(DOWNLOAD, dl_cfg)) == 0
     out["download_report"] = _read_json(raw / DOWNLOAD_REPORT)
 

@@ -8,11 +8,15 @@ import collections
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -26,7 +30,7 @@ from pipelines.data.download import (
     run_download,
     shard_files,
 )
-from pipelines.synthetic.shapes import PLANTED_KINDS, PlantedCounts, SyntheticConfig, build_dataset
+from pipelines.synthetic.shapes import PLANTED_KINDS, PlantedCounts, Response, SyntheticConfig, build_dataset
 from pipelines.synthetic.web import SyntheticServer, write_url_list
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +48,7 @@ def served(tmp_path_factory):
         url_list = write_url_list(dataset, server.base_url, root / "urls.parquet")
         yield dataset, DownloadConfig(url_list=str(url_list), output_dir=str(root / "raw"), image_size=64,
                                       min_image_size=16, number_sample_per_shard=20, processes=2, threads=8,
-                                      cpus_per_task=0.5, timeout_s=5)
+                                      cpus_per_task=0.5, timeout_s=5, allow_private_addresses=True)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +59,8 @@ def first_run(served, ray_local):
     return report
 
 
-def _samples(output_dir: str) -> dict[str, dict]:
-    """item_id -> the sample's files, over every shard."""
+def _samples(output_dir: str, column: str = "item_id") -> dict[str, dict]:
+    """The sample's `column` (from its .json) -> the sample's files, over every shard."""
     samples = {}
     for tar_path in sorted(Path(output_dir).glob("*.tar")):
         members = collections.defaultdict(dict)
@@ -65,7 +69,7 @@ def _samples(output_dir: str) -> dict[str, dict]:
                 key, ext = member.name.split(".", 1)
                 members[key][ext] = tar.extractfile(member).read()
         for files in members.values():
-            samples[json.loads(files["json"])["item_id"]] = files
+            samples[json.loads(files["json"])[column]] = files
     return samples
 
 
@@ -156,7 +160,8 @@ def _job(*overrides: str) -> subprocess.CompletedProcess:
 
 def test_job_exits_non_zero_with_a_clear_message(served, first_run):
     _, cfg = served
-    common = (f"url_list={cfg.url_list}", f"output_dir={cfg.output_dir}", "number_sample_per_shard=20")
+    common = (f"url_list={cfg.url_list}", f"output_dir={cfg.output_dir}", "number_sample_per_shard=20",
+              "allow_private_addresses=true")
     # Every shard is done, so this only judges the success rate.
     strict = _job(*common, "min_success_rate=0.99")
     assert strict.returncode == 1
@@ -173,7 +178,112 @@ def test_job_exits_non_zero_with_a_clear_message(served, first_run):
     ("Image decoding error", "decode_error"), ("image too small", "too_small"),
     ("aspect ratio too large", "aspect_ratio"), ("<urlopen error timed out>", "timeout"),
     ("<urlopen error [Errno 111] Connection refused>", "connection_error"), ("unknown url type: ''", "invalid_url"),
+    ("<urlopen error refused address 10.0.0.1 (private) for host x>", "refused_address"),
+    ("<urlopen error refused scheme 'file': only http and https are fetched>", "refused_scheme"),
+    ("body too large: more than 10 bytes", "body_too_large"),
+    ("too many pixels: 20000x20000 = 400000000 pixels > max_image_pixels 160000000", "too_many_pixels"),
     ("something new", "other"),
 ])
 def test_failure_reasons(message, reason):
     assert failure_reason(message) == reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrusted URL lists and the images the web really serves
+
+
+def _png(img: Image.Image, **params) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **params)
+    return buf.getvalue()
+
+
+def _exif_rotated_jpeg() -> bytes:
+    """Stored landscape 128x64, left half red, right half blue; EXIF says: turn 90 degrees clockwise."""
+    stored = Image.new("RGB", (128, 64), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 64, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+GUARD_PAGES = {
+    "/ok.png": Response(200, "image/png", _png(Image.new("RGB", (80, 80), (0, 128, 0)))),
+    "/gray16.png": Response(200, "image/png", _png(Image.fromarray(np.full((80, 80), 32896, np.uint16)))),
+    "/rotated.jpg": Response(200, "image/jpeg", _exif_rotated_jpeg()),
+    "/transparent.png": Response(200, "image/png", _png(Image.new("RGBA", (80, 80), (255, 0, 0, 0)))),
+    "/huge.png": Response(200, "image/png", _png(Image.new("RGB", (400, 400)))),  # 160000 px
+    "/long.bin": Response(200, "image/png", b"\0" * 300_000),
+}
+# url path or full URL -> the reason its row must be dropped with ("" = stored); the server's base URL is
+# put in front of paths, the download's folder in place of LOCAL (a valid image there: a file: URL that
+# the downloader opened would be stored as a sample).
+GUARD_ROWS = {
+    "/ok.png": "", "/gray16.png": "", "/rotated.jpg": "", "/transparent.png": "",
+    "/huge.png": "too_many_pixels", "/long.bin": "body_too_large",
+    "/to-file": "refused_scheme", "file://LOCAL/local.png": "refused_scheme",
+    "data:image/png;base64,iVBORw0KGgo=": "refused_scheme",
+}
+
+
+@pytest.fixture(scope="module")
+def guard_server():
+    with SyntheticServer(GUARD_PAGES, redirects={"/to-file": "file:///etc/hostname"}) as server:
+        yield server
+
+
+def _guard_download(server, root: Path, **settings):
+    (root / "local.png").write_bytes(GUARD_PAGES["/ok.png"].body)
+    urls = [server.url_for(u) if u.startswith("/") else u.replace("LOCAL", str(root)) for u in GUARD_ROWS]
+    pq.write_table(pa.table({"url": urls, "caption": [f"row {i}" for i in range(len(urls))],
+                             "row": list(GUARD_ROWS)}), root / "urls.parquet")
+    cfg = DownloadConfig(url_list=str(root / "urls.parquet"), output_dir=str(root / "raw"), image_size=64,
+                         min_image_size=16, number_sample_per_shard=20, processes=1, threads=4, cpus_per_task=0.5,
+                         timeout_s=5, min_success_rate=0.0, max_body_bytes=200_000, max_image_pixels=100_000,
+                         **settings)
+    return run_download(cfg), _samples(cfg.output_dir, column="row")
+
+
+@pytest.fixture(scope="module")
+def guarded_run(guard_server, ray_local, tmp_path_factory):
+    return _guard_download(guard_server, tmp_path_factory.mktemp("guarded"), allow_private_addresses=True)
+
+
+def test_only_http_is_fetched_and_oversized_bodies_and_images_are_dropped(guarded_run):
+    report, stored = guarded_run
+    assert report.ok, report.error
+    assert report.dropped == dict(collections.Counter(reason for reason in GUARD_ROWS.values() if reason))
+    assert set(stored) == {row for row, reason in GUARD_ROWS.items() if not reason}
+
+
+def test_images_are_stored_upright_8_bit_and_on_white(guarded_run):
+    _, stored = guarded_run
+    pixels = {row: np.asarray(Image.open(io.BytesIO(files["jpg"])).convert("RGB"), np.int32)
+              for row, files in stored.items()}
+    assert np.abs(pixels["/gray16.png"] - 128).max() <= 3  # 32896 / 257 = 128, not white
+    assert np.abs(pixels["/transparent.png"] - 255).max() <= 3  # transparent on white
+    rotated = pixels["/rotated.jpg"]  # shown portrait 64x128, center-cropped: top half red, bottom half blue
+    assert rotated[8, 32, 0] > 200 and rotated[8, 32, 2] < 60
+    assert rotated[56, 32, 2] > 200 and rotated[56, 32, 0] < 60
+    meta = json.loads(stored["/rotated.jpg"]["json"])
+    assert (meta["original_width"], meta["original_height"]) == (64, 128)
+
+
+def test_by_default_the_loopback_server_is_refused(guard_server, ray_local, tmp_path):
+    assert DownloadConfig().allow_private_addresses is False
+    report, stored = _guard_download(guard_server, tmp_path)
+    assert report.rows_out == 0 and stored == {}
+    loopback = sum(1 for url in GUARD_ROWS if url.startswith("/"))
+    assert report.dropped == {"refused_address": loopback, "refused_scheme": len(GUARD_ROWS) - loopback}
+
+
+@pytest.mark.parametrize("name, content", [
+    ("urls.csv", b"url,caption\nhttp://example.com/a.jpg,caf\xe9\n"),
+    ("urls.jsonl", b'{"url": "http://example.com/a.jpg", "caption": "caf\xe9"}\n'),
+])
+def test_a_url_list_that_is_not_utf8_is_bad_input_naming_the_file(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DownloadError, match=f"url_list {re.escape(str(tmp_path / name))}.*UTF"):
+        run_download(DownloadConfig(url_list=str(tmp_path / name), output_dir=str(tmp_path / "raw")))

@@ -1,6 +1,7 @@
 """The filter stage: unit checks of the row tests and hashes, then the stage on a real local Ray
 over raw shards with planted bad items, the job as a subprocess, and the CLIP filter."""
 
+import hashlib
 import io
 import itertools
 import json
@@ -12,12 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
 from pipelines.core.config import ConfigError, from_dict, to_dict
+from pipelines.core.job import run_stage
 from pipelines.core.runtime import finish
+from pipelines.data.download import REPORT_FILE as DOWNLOAD_REPORT
 from pipelines.data.filter.config import (
     REPORT_FILE,
     CaptionChecks,
@@ -27,7 +31,7 @@ from pipelines.data.filter.config import (
     report_path,
 )
 from pipelines.data.filter.dedup import NearDuplicateIndex, decide
-from pipelines.data.filter.driver import run_filter
+from pipelines.data.filter.driver import STAGE, run_filter
 from pipelines.data.filter.rows import caption_check, color_thumb, decode_or_none, dhash, size_check
 from pipelines.data.filter.scan import ClipScorer, scan_shards
 
@@ -83,9 +87,19 @@ def write_shard(root: Path, index: int, samples, stats=True, cut_at_sample=None)
         with tarfile.open(path) as tar:
             first = next(m for m in tar.getmembers() if m.name.startswith(cut_at_sample + "."))
         path.write_bytes(path.read_bytes()[:first.offset_data + 10])
-    if stats:
-        (root / f"{index:05d}_stats.json").write_text(json.dumps({"count": len(samples)}))
+    if stats:  # img2dataset's: count = URL rows of the shard, successes = samples in its tar
+        (root / f"{index:05d}_stats.json").write_text(json.dumps({"count": len(samples), "successes": len(samples)}))
     pq.write_table(pa.table({"key": [k for k, _ in samples]}), root / f"{index:05d}.parquet")
+
+
+def write_download_report(root: Path, ok: bool = True) -> None:
+    """What the download stage leaves beside its shards (the parts the filter reads)."""
+    report = {"stage": "download", "ok": ok, "error": None if ok else "download success rate 12.0% is under 90.0%"}
+    (root / DOWNLOAD_REPORT).write_text(json.dumps(report))
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def good(key, k) -> tuple:
@@ -137,6 +151,7 @@ def raw(tmp_path_factory):
     write_shard(root, 2, s2)
     write_shard(root, 3, s3, stats=False)
     write_shard(root, 4, s4, cut_at_sample="000040003")
+    write_download_report(root)
     kept = {k for k, _ in s0[:20] + s1[:20] + s2 + s4[:3]} | {"000010024"}
     return root, kept
 
@@ -149,7 +164,7 @@ EXPECTED_DROPS = {
     "missing_image": 1, "caption_missing": 1, "caption_not_utf8": 1, "caption_empty": 2,
     "caption_too_short": 1, "caption_too_long": 1, "undecodable_image": 2, "image_too_small": 2,
     "aspect_ratio": 2, "clip_similarity": 0, "duplicate_key": 1, "exact_duplicate": 2,
-    "near_duplicate": 2,
+    "near_duplicate": 2, "unreadable_shard": 2,  # 00004.tar is cut inside its sample 3 of 5
 }
 
 
@@ -270,6 +285,10 @@ def test_filter_stage_counts_every_planted_item(raw, tmp_path, ray_local):
     assert [d["name"] for d in report["shards_damaged"]] == ["00004.tar"]
     assert {s["name"] for s in report["output_shards"]} == {"00000.tar", "00001.tar", "00002.tar",
                                                            "00004.tar"}
+    # what was consumed and made, by content: sha256 of the bytes read and of the bytes written
+    assert report["input_shards"] == [{"name": p.name, "sha256": sha256_of(p)}
+                                      for p in sorted(raw_dir.glob("*.tar")) if p.name != "00003.tar"]
+    assert all(s["sha256"] == sha256_of(out / s["name"]) for s in report["output_shards"])
     samples = read_output(out)
     assert set(samples) == kept  # every good item arrives, nothing else
     with tarfile.open(raw_dir / "00001.tar") as tar:  # original bytes, unchanged
@@ -335,13 +354,15 @@ def test_clip_filter_is_wired(tmp_path, clip_weights, ray_local):
     raw_dir = tmp_path / "raw"
     raw_dir.mkdir()
     write_shard(raw_dir, 0, [good(f"00000000{i}", i * 7) for i in range(6)])
+    write_download_report(raw_dir)
     clip = {"enabled": True, "model": "tiny", "weights": str(clip_weights)}
 
     def scored(min_similarity):
         cfg = to_dict(check_inputs(config(raw_dir, tmp_path / "out",
                                           clip={**clip, "min_similarity": min_similarity})))
         records = pa.concat_tables(scan_shards({"name": np.array(["00000.tar"])}, cfg))
-        return ClipScorer(cfg)(records)
+        samples = records.filter(pa.compute.greater_equal(records.column("idx"), 0))  # not the per-shard records
+        return ClipScorer(cfg)(samples)
 
     keep_all, drop_all = scored(-1.0), scored(1.0)
     assert keep_all.column("reason").to_pylist() == [""] * 6
@@ -355,3 +376,21 @@ def test_clip_filter_is_wired(tmp_path, clip_weights, ray_local):
     status, report = run_and_report(cfg)
     assert status == 0 and report["dropped"]["clip_similarity"] == 3
     assert set(read_output(tmp_path / "out")) == set(ranked[3:])
+
+
+def test_filter_refuses_a_download_folder_that_did_not_finish(tmp_path, caplog):
+    """The download's report is its verdict: a failed or missing one is refused with one line, before Ray."""
+    raw_dir = tmp_path / "raw"
+    raw_dir.mkdir()
+    write_shard(raw_dir, 0, [good(f"00000000{i}", i) for i in range(2)])
+    cfg = config(raw_dir, tmp_path / "out")
+    assert run_stage(STAGE, cfg) == 2
+    assert f"{raw_dir / DOWNLOAD_REPORT} not found" in caplog.text and "jobs/download_data.py" in caplog.text
+    write_download_report(raw_dir, ok=False)
+    job = subprocess.run([sys.executable, str(REPO / "jobs" / "filter_data.py"), "--set", f"input_dir={raw_dir}",
+                          "--set", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=240)
+    lines = job.stderr.strip().splitlines()
+    assert job.returncode == 2 and len(lines) == 1, job.stderr[-3000:]
+    assert "download_report.json says the download failed" in lines[0] and "success rate" in lines[0]
+    assert not (tmp_path / "out").exists()

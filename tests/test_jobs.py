@@ -12,6 +12,7 @@ import pytest
 from pipelines.core.config import ConfigError
 from pipelines.core.job import Stage, run_stage
 from pipelines.core.runtime import StageReport
+from tests.exports import write_untrained_export
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,3 +93,95 @@ def test_train_unet_refuses_a_missing_feature_folder_before_ray_starts(tmp_path)
                               "--set", f"features_dir={tmp_path / 'no-features'}"], tmp_path)
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr[-3000:]
     assert "no-features" in run.stderr and "ray" not in run.stderr.lower()
+
+
+# ------------------------------------------------------------------- inputs that used to end in a traceback
+
+def _refused(run: subprocess.CompletedProcess, named: str) -> None:
+    """Exit status 2 and exactly one line on stderr that names the key or file."""
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert len(lines) == 1 and named in lines[0], run.stderr[-3000:]
+
+
+def test_a_list_where_a_scalar_is_expected_exits_2(tmp_path):
+    """demo's `extra` maps a stage to a list of KEY=VALUE strings: a list inside it is not a string."""
+    _refused(_job("demo", ["--set", "extra.filter=[[a, b]]"], tmp_path), "extra.filter[0]")
+    _refused(_job("demo", ["--set", "extra.filter=caption.min_chars=3"], tmp_path), "extra.filter")
+    # model.overrides maps UNetConfig fields to values: each is checked against the field's type
+    _refused(_job("train_unet", ["--config", str(REPO / "configs/tiny-cpu.yaml"),
+                                 "--set", "model.overrides.context_dim=[1]"], tmp_path), "model.overrides.context_dim")
+
+
+def test_a_str_key_keeps_the_text_given_with_set(tmp_path, capsys):
+    """YAML 1.1 reads on/yes/null/1e3/2024-01-01 as other types; a str-typed key (a path) keeps what was typed."""
+    from jobs.sample_eval import main
+
+    for text in ("on", "no", "null", "1e3", "0o17", "2024-01-01", "1_000"):
+        with pytest.raises(SystemExit) as done:
+            main(["--model", "m", "--prompts", "p.txt", "--out", text, "--print-config"])
+        assert done.value.code == 0 and yaml_load(capsys.readouterr().out)["out"] == text
+    quoted = _job("filter_data", ["--set", "input_dir='yes'", "--set", "output_dir=off", "--print-config"], tmp_path)
+    assert quoted.returncode == 0, quoted.stderr[-3000:]
+    assert yaml_load(quoted.stdout)["input_dir"] == "yes" and yaml_load(quoted.stdout)["output_dir"] == "off"
+
+
+def test_a_non_str_scalar_for_a_str_key_in_a_yaml_file_exits_2(tmp_path):
+    config = tmp_path / "filter.yaml"
+    config.write_text("input_dir: raw\noutput_dir: on\n")
+    run = _job("filter_data", ["--config", str(config)], tmp_path)
+    _refused(run, "output_dir")
+    assert "quote" in run.stderr
+
+
+def yaml_load(text: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def test_sample_eval_refuses_a_missing_mlflow_run(tmp_path):
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(store).search_experiments()  # a store that exists, as a user's does (creating one logs lines)
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    run = _job("sample_eval", ["--model", "runs:/0123456789abcdef/model", "--prompts", "prompts.txt", "--out", "eval",
+                               "--set", f"mlflow.tracking_uri={store}"], tmp_path)
+    _refused(run, "runs:/0123456789abcdef/model")
+
+
+@pytest.fixture(scope="module")
+def exported_model(tmp_path_factory) -> Path:
+    return write_untrained_export(tmp_path_factory.mktemp("export"), rows=2)
+
+
+def test_sample_eval_refuses_truncated_model_weights(exported_model, tmp_path):
+    import shutil
+
+    from model.unet import WEIGHTS_FILE
+    from pipelines.inference.export import UNET_DIR, load_exported
+
+    model = tmp_path / "model"
+    shutil.copytree(exported_model, model)
+    weights = model / UNET_DIR / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    _refused(_job("sample_eval", ["--model", str(model), "--prompts", "prompts.txt", "--out", "eval"], tmp_path),
+             str(weights))
+    with pytest.raises(ValueError, match="truncated"):
+        load_exported(model)
+
+
+def test_train_unet_refuses_features_whose_precompute_failed(tmp_path):
+    """The precompute report is the feature folder's verdict: a failed run's folder is not trained on."""
+    from pipelines.data.schema import REPORT_FILE
+    from pipelines.synthetic.features import write_synthetic_features
+
+    features = tmp_path / "features"
+    write_synthetic_features(str(features), rows=4)
+    (features / REPORT_FILE).write_text(json.dumps({"stage": "precompute", "ok": False,
+                                                   "error": "RuntimeError: the disk is full"}))
+    run = _job("train_unet", ["--config", str(REPO / "configs/tiny-cpu.yaml"), "--set", f"features_dir={features}"],
+               tmp_path)
+    _refused(run, f"{features / REPORT_FILE} says the precompute failed (RuntimeError: the disk is full)")

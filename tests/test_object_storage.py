@@ -148,7 +148,8 @@ def _run_chain(root: str, url_list: str, prompts: str, db: str) -> dict:
     seconds = {}
     stages = (
         (DOWNLOAD, load_config(DownloadConfig, CONFIGS / "download.yaml", [
-            f"url_list={url_list}", f"output_dir={root}/raw", "number_sample_per_shard=15", "threads=1"])),
+            f"url_list={url_list}", f"output_dir={root}/raw", "number_sample_per_shard=15", "threads=1",
+            "allow_private_addresses=true"])),
         (FILTER, load_config(FilterConfig, CONFIGS / "filter.yaml",
                              [f"input_dir={root}/raw", f"output_dir={root}/filtered"])),
         (PRECOMPUTE, load_config(PrecomputeConfig, CONFIGS / "precompute.yaml", [

@@ -6,12 +6,14 @@ run) with three planted bad samples, plus one empty shard.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -21,10 +23,12 @@ import pytest
 from PIL import Image
 
 from pipelines.core.config import from_dict
+from pipelines.core.job import run_stage
 from pipelines.core.runtime import finish
 from pipelines.data import schema
+from pipelines.data.filter.config import REPORT_FILE as FILTER_REPORT
 from pipelines.data.precompute.config import PrecomputeConfig, report_path
-from pipelines.data.precompute.driver import run_precompute
+from pipelines.data.precompute.driver import STAGE, run_precompute
 from pipelines.data.precompute.encode import EncoderActor, non_finite_reasons
 from pipelines.data.precompute.output import FeatureMismatchError
 from pipelines.data.precompute.rows import (
@@ -43,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "precompute_latents.py"
 SHARDS, PER_SHARD = 8, 6
 TRUNCATED, GARBAGE, NO_IMAGE = "00010002", "00030004", "00050001"  # planted bad samples (keys)
+LONG_CAPTION = "00060002"  # a caption longer than the text encoder's 77 tokens: encoded cut, and counted
 EXPECTED_DROPS = {DECODE_ERROR: 2, MISSING_IMAGE: 1}
 
 
@@ -63,6 +68,8 @@ def _sample(rng: np.random.Generator, key: str, index: int) -> dict:
         sample["jpg"] = b"<html>not an image</html>"
     elif key == NO_IMAGE:
         del sample["jpg"]
+    elif key == LONG_CAPTION:
+        sample["txt"] = " ".join(f"word{i}" for i in range(120))
     return sample
 
 
@@ -78,7 +85,31 @@ def write_shards(root: Path, shards: int, per_shard: int, empty_last: bool = Tru
                 sample = _sample(rng, f"{s:04d}{i:04d}", i)
                 sink.write(sample)
                 samples[sample["__key__"]] = sample
+    write_filter_report(root)
     return samples
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_filter_report(root: Path, ok: bool = True) -> None:
+    """The filter stage's verdict on its folder, with each shard's rows and sha256, as the filter writes it."""
+    shards = []
+    for path in sorted(root.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            keys = {m.name.split(".", 1)[0] for m in tar.getmembers()}
+        shards.append({"name": path.name, "rows": len(keys), "sha256": sha256_of(path)})
+    report = {"stage": "filter", "ok": ok, "error": None if ok else "no rows left after filtering",
+              "output_shards": shards}
+    (root / FILTER_REPORT).write_text(json.dumps(report))
+
+
+def cut_inside(path: Path, key: str) -> None:
+    """Truncate a tar in the middle of that sample's first member's data (a copy cut short)."""
+    with tarfile.open(path) as tar:
+        first = next(m for m in tar.getmembers() if m.name.startswith(key + "."))
+    path.write_bytes(path.read_bytes()[:first.offset_data + 10])
 
 
 def make_config(input_dir: Path, output_dir: Path, **sections) -> PrecomputeConfig:
@@ -140,6 +171,9 @@ def test_features_rows_and_report(clean_run, shards):
     assert written["rows_out"] == len(good) and written["dropped"] == EXPECTED_DROPS
     assert written["rows_per_second"] > 0 and written["rows_per_second_per_actor_busy"] > 0
     assert written["shards_written"] == SHARDS + 1
+    assert written["captions_truncated"] == 1 and written["text_context_length"] == 77
+    tars = sorted(shards[0].glob("*.tar"))
+    assert written["input_shards"] == [{"name": p.name, "sha256": sha256_of(p)} for p in tars]
 
 
 def test_features_equal_direct_encoding(clean_run, shards):
@@ -257,8 +291,8 @@ def test_non_finite_latents_are_dropped_not_fatal(tmp_path):
     write_shards(input_dir, shards=1, per_shard=3, empty_last=False)
     cfg = make_config(input_dir, tmp_path / "out", vae={"source": str(tmp_path / "vae")})
 
-    shard = {"shard": np.array([0]), "name": np.array(["00000.tar"], dtype=object)}
-    (batch,) = read_and_decode(shard, str(input_dir), image_size=64, chunk=8)
+    shard = {"shard": np.array([0]), "name": np.array(["00000.tar"], dtype=object), "rows": np.array([3])}
+    (batch,) = read_and_decode(shard, str(input_dir), image_size=64, chunk=8, text_model="tiny")
     assert batch[ORDINAL].tolist() == [0, 1, 2] and batch[LAST].tolist() == [False, False, True]
     batch[DROP_REASON][0] = DECODE_ERROR  # a row the reader already dropped is passed through
     actor = EncoderActor(to_dict(cfg))
@@ -296,3 +330,60 @@ def test_job_help_and_config_errors():
     bad = subprocess.run([sys.executable, str(JOB), "--set", "input_dir=/x", "--set", "output_dir=/y",
                           "--set", "compute.dtype=fp8"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "compute.dtype" in bad.stderr
+
+
+def test_precompute_refuses_a_filter_folder_that_did_not_finish(tmp_path, caplog):
+    """The filter's report is its verdict: a failed or missing one is refused with one line, before Ray."""
+    input_dir = tmp_path / "filtered"
+    write_shards(input_dir, shards=1, per_shard=2, empty_last=False)
+    (input_dir / FILTER_REPORT).unlink()
+    assert run_stage(STAGE, make_config(input_dir, tmp_path / "out")) == 2
+    assert f"{input_dir / FILTER_REPORT} not found" in caplog.text and "jobs/filter_data.py" in caplog.text
+    write_filter_report(input_dir, ok=False)
+    job = subprocess.run([sys.executable, str(JOB), "--set", f"input_dir={input_dir}", "--set",
+                          f"output_dir={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = job.stderr.strip().splitlines()
+    assert job.returncode == 2 and len(lines) == 1, job.stderr[-3000:]
+    assert "filter_report.json says the filter failed (no rows left after filtering)" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_tar_is_skipped_and_its_lost_rows_counted(ray_local, tmp_path):
+    input_dir, out = tmp_path / "filtered", tmp_path / "features"
+    samples = write_shards(input_dir, shards=2, per_shard=4, empty_last=False)  # the report says 4 rows each
+    cut_inside(input_dir / "00001.tar", "00010002")  # samples 0 and 1 are whole, 2 and 3 are lost
+    cfg = make_config(input_dir, out)
+    assert run_stage(STAGE, cfg) == 0
+    report = json.loads((out / "precompute_report.json").read_text())
+    assert report["dropped"] == {"unreadable_shard": 2} and (report["rows_in"], report["rows_out"]) == (8, 6)
+    assert [d["name"] for d in report["shards_damaged"]] == ["00001.tar"]
+    assert set(read_rows(out)) == set(samples) - {"00010002", "00010003"}
+
+
+def test_rerun_after_the_filter_changed_its_output_redoes_it(ray_local, tmp_path):
+    """The filter rerun with other settings rewrites 00000.tar under the same name and no longer writes
+    00002.tar: precompute recognises its inputs by content, so it re-encodes part-00000, removes part-00002
+    and keeps part-00001 as it is."""
+    import webdataset as wds
+
+    input_dir, out = tmp_path / "filtered", tmp_path / "features"
+    write_shards(input_dir, shards=3, per_shard=3, empty_last=False)
+    cfg = make_config(input_dir, out)
+    assert run_stage(STAGE, cfg) == 0
+    kept = (out / schema.shard_name(1)).stat().st_mtime_ns
+
+    rng = np.random.default_rng(7)
+    with wds.TarWriter(str(input_dir / "00000.tar")) as sink:  # fewer, other rows under the same name
+        for i in range(2):
+            sink.write(_sample(rng, f"0099{i:04d}", i))
+    (input_dir / "00002.tar").unlink()
+    write_filter_report(input_dir)
+    assert run_stage(STAGE, cfg) == 0
+    assert set(read_rows(out)) == {"00990000", "00990001", "00010000", "00010001"}  # 00010002 is TRUNCATED
+    assert not (out / schema.shard_name(2)).exists()
+    assert (out / schema.shard_name(1)).stat().st_mtime_ns == kept
+    report = json.loads((out / "precompute_report.json").read_text())
+    assert (report["shards_written"], report["shards_removed"], report["rows_out"]) == (1, 1, 4)
+    assert report["input_shards"] == [{"name": p.name, "sha256": sha256_of(p)} for p in sorted(input_dir.glob("*.tar"))]
+    assert [s["source_sha256"] for s in schema.Manifest.load(out).shards] == [sha256_of(input_dir / "00000.tar"),
+                                                                            sha256_of(input_dir / "00001.tar")]

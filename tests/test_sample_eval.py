@@ -10,31 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.config import PRESETS
-from model.unet import UNet
-from pipelines.data.loader import read_manifest
 from pipelines.eval.prompts import read_prompts
-from pipelines.inference.draw import EncoderSources
-from pipelines.inference.export import INDEX_FILE, ExportInfo, write_export
-from pipelines.synthetic.features import write_synthetic_features
-from pipelines.train.objective import ObjectiveConfig
+from pipelines.inference.export import INDEX_FILE
+from tests.exports import write_untrained_export
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval-model")
-    features = root / "features"
-    manifest = write_synthetic_features(str(features), rows=4)
-    info = ExportInfo(weights="ema", step=7, schedule=ObjectiveConfig().schedule_config(),
-                      encoders=EncoderSources.from_manifest(read_manifest(str(features))),
-                      latent_shape=tuple(manifest.latent_shape), image_size=manifest.image_size,
-                      scaling_factor=manifest.scaling_factor, shift_factor=manifest.shift_factor, train_config={},
-                      run_name="unit")
-    write_export(str(root / "model"), PRESETS["tiny"], UNet(PRESETS["tiny"]).state_dict(), info, str(features),
-                 manifest)
-    return root / "model"
+    return write_untrained_export(tmp_path_factory.mktemp("eval-model"), step=7, run_name="unit")
 
 
 def run_job(*args: str) -> int:

@@ -35,17 +35,23 @@ def _engine(seed: int):
     return engine
 
 
+
+def _trained_engine(steps: int = 2):
+    """A seed-0 engine after `steps` optimizer steps on one fixed batch."""
+    engine = _engine(seed=0)
+    x, y = torch.randn(4, 8), torch.randn(4, 1)
+    for _ in range(steps):
+        engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+        engine.step()
+    return engine
+
 def _weights(engine) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
 
 def test_a_checkpoint_at_a_uri_is_verified_and_loaded_through_a_temporary_local_copy(
         gloo_world_of_one, memory_root, tmp_path, monkeypatch):
-    trained = _engine(seed=0)
-    x, y = torch.randn(4, 8), torch.randn(4, 1)
-    for _ in range(2):
-        trained.backward(torch.nn.functional.mse_loss(trained(x), y))
-        trained.step()
+    trained = _trained_engine()
     local = tmp_path / "checkpoint_000000"
     fingerprint = {"model": "tiny"}
     checkpoint.save(local, trained, rank=0, step=2, trainer_state={"note": "rank 0"},

@@ -21,7 +21,7 @@ from pipelines.data.loader import (
 )
 from pipelines.train.deepspeed_config import AdamWSettings, DeepSpeedSettings, build_deepspeed_config
 from pipelines.train.objective import ObjectiveConfig
-from pipelines.train.policy import LRSchedule, NonFiniteGuard, NonFinitePolicy
+from pipelines.train.policy import LRSchedule, NonFiniteGuard, NonFiniteLossError, NonFinitePolicy
 from pipelines.train.step import TrainStep
 
 STEP_FILE = str(Path(inspect.getfile(TrainStep)).resolve())
@@ -70,6 +70,9 @@ class AccumulatingEngine:
 
     def get_global_grad_norm(self):
         return None
+
+    def was_step_applied(self):
+        return True
 
     def bfloat16_enabled(self):
         return False
@@ -120,6 +123,28 @@ def test_deepspeed_step_with_bad_micro_batches(engine, micro_cfg):
     assert all(torch.isfinite(p).all() for p in after) and not all(torch.equal(a, b) for a, b in zip(before, after))
     assert (stats["skipped_micro_batches"], guard.total_skipped, guard.consecutive) == (1, 1, 0)
     assert torch.isfinite(stats["loss"])
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_is_a_bad_step(engine, micro_cfg):
+    """A finite loss can still backpropagate an inf/NaN gradient (an overflow inside backward). DeepSpeed then
+    skips the update; the guard must count that step like a bad loss, or a run whose every gradient overflows
+    would go on forever without learning."""
+    guard = NonFiniteGuard(NonFinitePolicy(max_consecutive=2))
+    stepper = _stepper(engine, micro_cfg, guard)
+    weights = lambda: [p.detach().clone() for p in engine.module.parameters()]  # noqa: E731
+    before = weights()
+    param = next(engine.module.parameters())
+    hook = param.register_hook(lambda grad: torch.full_like(grad, float("inf")))  # one weight's gradient overflows
+    try:
+        stats = stepper.run(0, [_batch(micro_cfg, 1), _batch(micro_cfg, 2)])
+        assert torch.isfinite(stats["loss"]) and stats["skipped_micro_batches"] == 0
+        assert not torch.isfinite(torch.as_tensor(stats["grad_norm"]))
+        assert all(torch.equal(a, b) for a, b in zip(before, weights()))  # the update was skipped ...
+        assert (stats["lr"], guard.total_skipped, guard.consecutive) == (0.0, 1, 1)  # ... and counted
+        with pytest.raises(NonFiniteLossError, match="2 steps in a row at step 1"):
+            stepper.run(1, [_batch(micro_cfg, 3), _batch(micro_cfg, 4)])
+    finally:
+        hook.remove()
 
 
 def test_one_host_sync_per_step(engine, micro_cfg, monkeypatch):

@@ -165,6 +165,24 @@ def test_color_anchor_ties_the_first_latent_channels_to_patch_rgb(trained):
 
 
 @pytest.mark.slow  # a second Ray Train run: ~40 s of worker start-up on 2 cores for 4 steps
+def test_rerun_of_a_finished_run_is_a_no_op(trained, caplog):
+    """Same config again: nothing trained, the export untouched, the MLflow run not reopened."""
+    from pipelines.core.storage import read_json
+
+    cfg, _ = trained
+    exported = Path(cfg.output_dir) / "config.json"
+    before = exported.stat().st_mtime_ns
+    _, run = _mlflow_run(cfg)
+    with caplog.at_level(logging.INFO, logger="latentforge.train_vae"):
+        assert run_stage(STAGE, cfg) == 0
+    assert f"already finished at step {STEPS}" in caplog.text
+    report = read_json(Path(cfg.output_dir) / REPORT_FILE)
+    assert report["outcome"] == "already finished" and report["steps"] == STEPS
+    assert exported.stat().st_mtime_ns == before
+    _, again = _mlflow_run(cfg)
+    assert again.info.run_id == run.info.run_id and again.info.end_time == run.info.end_time
+
+
 def test_rerun_with_the_same_name_resumes(trained):
     """More steps under the same run_name continue from the last checkpoint (step 24), in the same
     MLflow run, and the export is replaced."""
@@ -178,6 +196,8 @@ def test_rerun_with_the_same_name_resumes(trained):
     assert report["images_seen"] == (STEPS + 4) * BATCH * WORKERS
     _, mlflow_run = _mlflow_run(cfg)
     assert mlflow_run.data.params["train.steps"] == str(STEPS)  # params are the first run's; MLflow keeps them
+    assert mlflow_run.data.params[f"train.steps.at_step_{STEPS}"] == str(STEPS + 4)  # and what it became
+    assert mlflow_run.data.tags["latentforge.changed.train.steps"] == f"{STEPS} -> {STEPS + 4} at step {STEPS}"
 
 
 def test_rerun_with_another_vae_under_the_same_name_is_refused(trained, caplog):

@@ -3,8 +3,13 @@
     cfg = parse_job_args(DownloadConfig, "Download image-caption pairs", argv)
 
 gives every job the same command line: `--config FILE.yaml`, `--set key.sub=value` (repeatable;
-values parsed as YAML scalars, so `--set filter.min_side=128` is an int), and `--print-config`.
-Unknown keys and wrong types are errors that name the dotted key. Configs travel to Ray workers
+values parsed as YAML, so `--set filter.min_side=128` is an int), and `--print-config`. A str-typed
+key given with --set keeps the text as typed when YAML would read it as something else (`--out on`,
+`--set output_dir=2024-01-01`): YAML 1.1 turns on/off/yes/no/null, numbers and dates into other
+types, and a path is just text. In a YAML file such a value is an error asking to quote it: the file
+was parsed before its types were known, so the text as written is gone (`yes` and `on` both read
+True) and a conversion back could name another path. Unknown keys and wrong types are errors that
+name the dotted key. Configs travel to Ray workers
 as plain dicts (`to_dict`) and are rebuilt with `from_dict` on the worker's first line.
 """
 
@@ -28,24 +33,47 @@ class ConfigError(ValueError):
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class SetValue:
+    """A --set value: the text as typed and what YAML parsed it to; the key's type picks one (_coerce)."""
+
+    text: str
+    parsed: Any
+
+
+def _unwrap(value: Any, hint: Any) -> Any:
+    """A SetValue -> its typed text for a str key when YAML read a scalar of another type, else the parsed value."""
+    if not isinstance(value, SetValue):
+        return value
+    scalar = not isinstance(value.parsed, (str, list, dict))
+    return value.text if hint is str and scalar else value.parsed
+
+
+def _str_option_last(args: tuple) -> list:
+    """A union's options with str last: `layer: str | int` given -2 is the int, `on` (not an int) the text."""
+    return sorted((a for a in args if a is not type(None)), key=lambda a: a is str)
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check `value` against a type hint (after YAML parsing), converting only losslessly."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        parsed = _unwrap(value, Any)
+        if parsed is None and type(None) in args:
+            return None
+        for option in _str_option_last(args):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {parsed!r} is not a valid {hint}")
+    value = _unwrap(value, hint)
     if hint is Any:
         return value
     if origin is typing.Literal:
         if value in args:
             return value
         raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} is not a valid {hint}")
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, prefix=key + ".")
     if origin in (list, tuple):
@@ -57,11 +85,15 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        key_hint, value_hint = args or (Any, Any)
+        return {_coerce(k, key_hint, f"{key} key"): _coerce(v, value_hint, f"{key}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
+    if hint is str and not isinstance(value, (list, dict)):
+        raise ConfigError(f"{key}: expected a string, got {value!r} ({type(value).__name__}): YAML reads "
+                          f"on/off/yes/no/true/false/null, numbers and dates as other types; quote it ('...')")
     raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r} ({type(value).__name__})")
 
 
@@ -116,17 +148,21 @@ def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def apply_override(values: dict, assignment: str) -> None:
-    """Apply `a.b.c=value` to a nested dict in place; the value is parsed as YAML."""
+    """Apply `a.b.c=value` to a nested dict in place; the value is parsed as YAML and kept with its text
+    (SetValue: from_dict gives a str key the text)."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} must look like key.sub=value")
     dotted, raw = assignment.split("=", 1)
     *parents, leaf = dotted.strip().split(".")
     node = values
     for part in parents:
+        if isinstance(node.get(part), SetValue):  # `--set a={...}` then `--set a.b=...`: a section after all
+            node[part] = node[part].parsed
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {part} is not a section")
-    node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    text = raw.strip()
+    node[leaf] = SetValue(text, yaml.safe_load(raw) if text else "")
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:

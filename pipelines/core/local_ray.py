@@ -71,13 +71,15 @@ class LocalRayHead(Service):
     """`ray start --head` in a private temp dir, with a token of its own; stop() ends only this head's
     processes and removes the dir (token included)."""
 
-    def __init__(self, num_cpus: int) -> None:
+    def __init__(self, num_cpus: int, object_store_bytes: int | None = None) -> None:
+        """object_store_bytes: the shared-memory object store's size (None: Ray's default share of the memory)."""
         self.temp_dir = tempfile.mkdtemp(prefix=RAY_TEMP_PREFIX, dir=RAY_TEMP_PARENT)  # mode 0700
         self.token_path = os.path.join(self.temp_dir, TOKEN_FILE)
         self.ray_dir = os.path.join(self.temp_dir, "ray")  # Ray's --temp-dir; Ray opens it to every user
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.num_cpus = num_cpus
+        self.object_store_bytes = object_store_bytes
 
     def client_env(self, base: Mapping[str, str]) -> dict[str, str]:
         """The environment for a driver (a job, `ray status`, ...) that joins this head."""
@@ -89,6 +91,8 @@ class LocalRayHead(Service):
         cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={self.port}",
                f"--ray-client-server-port={free_port()}", f"--num-cpus={self.num_cpus}",
                f"--temp-dir={self.ray_dir}", "--include-dashboard=false", "--disable-usage-stats"]
+        if self.object_store_bytes is not None:
+            cmd.append(f"--object-store-memory={self.object_store_bytes}")
         env = private_ray_env(os.environ if base_env is None else base_env, self.token_path)
         subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.core import storage
+from pipelines.core.config import ConfigError
 
 log = logging.getLogger("latentforge")
 
@@ -20,9 +21,42 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
+class RedactingFilter(logging.Filter):
+    """Credentials inside URIs (storage.redact) out of a record's message and traceback, once it is formatted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string is the handler's to report, as without the filter
+            return True
+        redacted = storage.redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = storage.redact(record.exc_text)
+        return True
+
+
 def setup_logging(level: int = logging.INFO) -> None:
+    """Log lines to stderr, with credentials inside URIs redacted in every record, ours and libraries'.
+
+    The redaction runs where records are made (a record factory), not in a handler's filter: MLflow and Ray
+    log through handlers of their own that do not propagate to the root logger, added when they are imported."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    factory = logging.getLogRecordFactory()
+    if not getattr(factory, "redacting", False):
+        redacting = RedactingFilter()
+
+        def make_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = factory(*args, **kwargs)
+            redacting.filter(record)
+            return record
+
+        make_record.redacting = True
+        logging.setLogRecordFactory(make_record)
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -79,8 +113,26 @@ class StageReport:
         }
 
     def write(self, location: str | os.PathLike) -> None:
-        """Committed atomically, to a local path or a URI (see storage)."""
-        storage.write_json(location, self.to_dict())
+        """Committed atomically, to a local path or a URI (see storage), with credentials inside URIs redacted."""
+        storage.write_json(location, storage.redact_values(self.to_dict()))
+
+
+def upstream_report(input_dir: str, report_file: str, producer: str, job: str) -> dict[str, Any]:
+    """The report of the stage that made `input_dir`, which must say ok: its report is its verdict (a
+    failed or unfinished stage's output is not input). Raises ConfigError (one line, exit 2) otherwise."""
+    location = storage.join(input_dir, report_file)
+    try:
+        report = storage.read_json(location)
+    except FileNotFoundError:
+        raise ConfigError(f"{location} not found: {input_dir} is not a finished {producer} output (run or rerun "
+                          f"{job} into it: a rerun resumes and writes the report)") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{location} is unreadable ({err}): rerun {job}") from None
+    if not isinstance(report, dict) or report.get("ok") is not True:
+        error = report.get("error") if isinstance(report, dict) else None
+        raise ConfigError(f"{location} says the {producer} failed ({error or 'no reason given'}): "
+                          f"fix that and rerun {job} before this stage")
+    return report
 
 
 def finish(report: StageReport, path: str | os.PathLike) -> int:

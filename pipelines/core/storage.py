@@ -222,3 +222,36 @@ def remove_temporaries(location: str | os.PathLike) -> int:
     for name in stale:
         remove(join(location, name))
     return len(stale)
+
+
+# ------------------------------------------------------------------------------- redacting
+
+REDACTED = "***"
+# The user info of any URI (scheme://user:password@host, s3://KEY:SECRET@bucket): everything before the '@'.
+_USER_INFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/@?#'\"]+@")
+# The values of query parameters that carry a signature or a credential: presigned S3 / GCS URLs (X-Amz-Signature,
+# X-Amz-Credential, X-Amz-Security-Token, X-Goog-...), Azure SAS (sig), CloudFront and S3 v2 (Signature,
+# AWSAccessKeyId), and tokens, keys and passwords by any other name.
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&;](?:[\w.-]*(?:signature|credential|token|secret|password|passwd|api[_-]?key)|sig|awsaccesskeyid)"
+    r"=)[^&#\s'\"]+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials inside every URI in it replaced by ***: user info and signed query values.
+
+    For whatever leaves the process (reports, MLflow params and tags, checkpoint and export metadata, log lines);
+    the process itself keeps using the real location. The replacement has no quote, backslash or separator,
+    so JSON text stays JSON and a query stays parseable."""
+    return _SECRET_QUERY.sub(rf"\g<key>{REDACTED}", _USER_INFO.sub(rf"\g<scheme>{REDACTED}@", text))
+
+
+def redact_values(value: Any) -> Any:
+    """redact applied to every string inside dicts, lists and tuples (keys included); other values unchanged."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact_values(k): redact_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_values(v) for v in value)
+    return value

@@ -28,16 +28,23 @@ The URL list travels to the tasks through Ray's object store, so only the driver
 After each shard the driver checks that the shard's stats file is visible to it, which catches an
 `output_dir` that is not actually shared.
 
+Untrusted URL lists: in each task img2dataset's urlopen goes through pipelines/data/url_guard.py's
+opener (http/https only, public addresses only unless allow_private_addresses, bodies up to
+max_body_bytes), and its resizer is fed pipelines/core/images.decode_rgb's image (pixel count checked
+on the header first, EXIF orientation, 16-bit, CMYK, palette, alpha), the decode the other stages use.
+
 Report (`<output_dir>/download_report.json`): rows in, rows out, dropped per reason (img2dataset's
-error messages mapped to http_404, http_500, decode_error, too_small, timeout, ...; the raw
-messages are kept under `error_messages`), shards skipped / downloaded / failed, rows/s. The stage
-fails when any shard failed for good or when the success rate is under `min_success_rate`.
+error messages mapped to http_404, http_500, decode_error, too_small, timeout, refused_scheme,
+refused_address, body_too_large, too_many_pixels, ...; the raw messages are kept under
+`error_messages`), shards skipped / downloaded / failed, rows/s. The stage fails when any shard
+failed for good or when the success rate is under `min_success_rate`.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -55,9 +62,11 @@ import pyarrow.fs as pafs
 
 from pipelines.core import storage
 from pipelines.core.config import ConfigError, from_dict, to_dict
+from pipelines.core.images import TooManyPixels, decode_rgb
 from pipelines.core.job import Stage
 from pipelines.core.progress import Progress
 from pipelines.core.runtime import StageReport
+from pipelines.data import url_guard
 
 log = logging.getLogger("latentforge.download")
 
@@ -69,6 +78,7 @@ RESERVED_COLUMNS = frozenset({"key", "caption", "url", "width", "height", "origi
                               "status", "error_message", "exif", "md5", "sha256", "sha512"})
 # Honour sites that ask not to be used for AI training (img2dataset's default directives).
 DISALLOWED_HEADER_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+TOO_MANY_PIXELS = "too many pixels"  # the resizer's message for an image over max_image_pixels
 
 
 class DownloadError(ConfigError):
@@ -97,6 +107,13 @@ class DownloadConfig:
     timeout_s: int = 10  # per request
     shard_retries: int = 2  # extra attempts for a shard whose task failed
     min_success_rate: float = 0.5  # the stage fails under this share of rows downloaded
+    # Untrusted URL lists (pipelines/data/url_guard.py): only http(s) from public addresses is fetched.
+    allow_private_addresses: bool = False  # True: loopback/private/link-local too (a local test server only)
+    max_body_bytes: int = 64 << 20  # longer responses are dropped (body_too_large); camera JPEGs stay under ~40 MB
+    # Images with more pixels are dropped (too_many_pixels) on their header, before decoding: above the
+    # largest camera sensors (151 MP), far under a 20000x20000 PNG bomb (400 M). An image at the limit
+    # takes about 1.5 GB in its thread while it is resized (3 copies of 480 MB RGB): lower it for many threads.
+    max_image_pixels: int = 160_000_000
 
 
 def validate_config(cfg: DownloadConfig) -> DownloadConfig:
@@ -113,7 +130,8 @@ def validate_config(cfg: DownloadConfig) -> DownloadConfig:
         problems.append(f"resize_mode {cfg.resize_mode!r} is not one of {RESIZE_MODES}")
     if cfg.encode_format not in ENCODE_FORMATS:
         problems.append(f"encode_format {cfg.encode_format!r} is not one of {ENCODE_FORMATS}")
-    for name in ("image_size", "number_sample_per_shard", "shards_per_task", "processes", "threads", "timeout_s"):
+    for name in ("image_size", "number_sample_per_shard", "shards_per_task", "processes", "threads", "timeout_s",
+                 "max_body_bytes", "max_image_pixels"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("min_image_size", "retries", "shard_retries"):
@@ -143,6 +161,17 @@ def _fsspec_problems(uri: str) -> list[str]:
 
 
 def _read_table(url_list: str) -> pa.Table:
+    try:
+        return _read_table_unchecked(url_list)
+    except (pa.ArrowInvalid, UnicodeDecodeError) as err:  # not UTF-8, not the format its name says, damaged
+        raise DownloadError(f"url_list {url_list} cannot be read: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _read_table_unchecked(url_list: str) -> pa.Table:
     import pyarrow.csv as pa_csv
     import pyarrow.json as pa_json
     import pyarrow.parquet as pq
@@ -185,9 +214,14 @@ def read_url_list(cfg: DownloadConfig) -> pa.Table:
             raise DownloadError(f"extra_columns: {unknown} not in the url list's other columns {others}; "
                                 f"{reserved} are names img2dataset reserves")
     # A missing URL becomes "" so img2dataset records it as a failure ("invalid_url") instead of crashing.
-    url = pc.fill_null(table.column(cfg.url_col).cast(pa.string()), "")
-    caption = table.column(cfg.caption_col).cast(pa.string())
-    return pa.table([*(table.column(c) for c in extras), caption, url], names=[*extras, "caption", "url"])
+    try:
+        url = pc.fill_null(table.column(cfg.url_col).cast(pa.string()), "")
+        caption = table.column(cfg.caption_col).cast(pa.string())
+        out = pa.table([*(table.column(c) for c in extras), caption, url], names=[*extras, "caption", "url"])
+        out.validate(full=True)  # pyarrow's JSON reader lets invalid UTF-8 through; the tasks would fail on it
+    except pa.ArrowInvalid as err:
+        raise DownloadError(f"url_list {cfg.url_list}: {_first_line(err)} (text columns must be UTF-8)") from None
+    return out
 
 
 @dataclass(frozen=True)
@@ -241,17 +275,41 @@ def remove_shard_files(output_dir: str, shard: Shard) -> None:
 # The Ray task: img2dataset's per-shard worker over a group of shards
 
 
+def _make_resizer(cfg: DownloadConfig):
+    """img2dataset's Resizer, fed what pipelines/core/images.decode_rgb makes of the downloaded bytes: the
+    pixel count is checked on the header before any decoding, and the image reaches img2dataset's OpenCV
+    decode upright, 8-bit and RGB (OpenCV alone ignores EXIF orientation under IMREAD_UNCHANGED and
+    saturates 16-bit gray to white when it encodes the JPEG)."""
+    from img2dataset.resizer import Resizer
+
+    class DecodingResizer(Resizer):
+        def __call__(self, img_stream, blurring_bbox_list=None):
+            try:
+                rgb = decode_rgb(img_stream.getvalue(), max_pixels=cfg.max_image_pixels)
+            except TooManyPixels as err:
+                return None, None, None, None, None, f"{TOO_MANY_PIXELS}: {err}"
+            except Exception as err:  # noqa: BLE001 - PIL raises many types; a bad image is a counted drop
+                detail = re.sub(r" at 0x[0-9a-fA-F]+", "", str(err))[:120]  # one message per kind in the report
+                return None, None, None, None, None, f"image decoding error: {type(err).__name__}: {detail}"
+            # PPM: uncompressed, so OpenCV reads back exactly these pixels at the cost of a copy.
+            normalised = io.BytesIO()
+            rgb.save(normalised, "PPM")
+            del rgb  # the biggest image may be large: keep one decoded copy less while OpenCV works
+            return super().__call__(normalised, blurring_bbox_list)
+
+    return DecodingResizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
+                           encode_format=cfg.encode_format, encode_quality=cfg.encode_quality,
+                           min_image_size=cfg.min_image_size,
+                           max_aspect_ratio=cfg.max_aspect_ratio if cfg.max_aspect_ratio else float("inf"))
+
+
 def _make_downloader(cfg: DownloadConfig, column_list: list[str], shard_name_digits: int):
     # albumentations (imported by img2dataset) looks for updates online at import unless told not to.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset.downloader import Downloader
-    from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
 
-    resizer = Resizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
-                      encode_format=cfg.encode_format, encode_quality=cfg.encode_quality,
-                      min_image_size=cfg.min_image_size,
-                      max_aspect_ratio=cfg.max_aspect_ratio if cfg.max_aspect_ratio else float("inf"))
+    resizer = _make_resizer(cfg)
     return Downloader(
         sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=cfg.threads,
         save_caption=True, extract_exif=False, output_folder=cfg.output_dir, column_list=column_list,
@@ -281,7 +339,10 @@ def download_shard_group(config: dict, table: pa.Table, shards: list[Shard]) -> 
     """Ray task body: download each shard of the group in turn; one outcome dict per shard."""
     cfg = from_dict(DownloadConfig, config)
     downloader = _make_downloader(cfg, table.column_names, len(shards[0].name))
-    with tempfile.TemporaryDirectory(prefix="latentforge-download-") as tmp_dir:
+    # img2dataset fetches with urllib.request.urlopen: the guarded opener decides what that may reach.
+    opener = url_guard.build_opener(url_guard.UrlPolicy(allow_private=cfg.allow_private_addresses,
+                                                        max_body_bytes=cfg.max_body_bytes))
+    with url_guard.installed(opener), tempfile.TemporaryDirectory(prefix="latentforge-download-") as tmp_dir:
         return [_download_one(downloader, cfg, table, shard, tmp_dir) for shard in shards]
 
 
@@ -360,6 +421,10 @@ class _ShardRunner:
 # Failure reasons and the report
 
 _REASONS_BY_MESSAGE = (  # (lower-case fragment of img2dataset's error message, reason); first match wins
+    (url_guard.REFUSED_SCHEME, "refused_scheme"),
+    (url_guard.REFUSED_ADDRESS, "refused_address"),
+    (url_guard.BODY_TOO_LARGE, "body_too_large"),
+    (TOO_MANY_PIXELS, "too_many_pixels"),
     ("image too small", "too_small"),
     ("aspect ratio too large", "aspect_ratio"),
     ("image area too large", "too_large"),

@@ -33,6 +33,9 @@ TEXT_LENGTH = "text_length"  # number of real tokens (SOT..EOT inclusive); the m
 
 FEATURE_DTYPE = np.float16
 MANIFEST_FILE = "manifest.json"
+# The precompute stage's report (its verdict). A feature directory whose report says the run failed is not
+# read; one without a report (written in process, e.g. pipelines/synthetic/features.py) is read by its manifest.
+REPORT_FILE = "precompute_report.json"
 EMPTY_CAPTION_FILE = "empty_caption.safetensors"
 SHARD_PREFIX = "part-"
 SHARD_SUFFIX = ".parquet"
@@ -157,11 +160,18 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Manifest":
-        """The manifest of a feature directory (local path or URI); clear error if absent."""
+        """The manifest of a finished feature directory (local path or URI); a clear error if it is absent or
+        the precompute report says the run failed (ValueError)."""
         path = storage.join(directory, MANIFEST_FILE)
         if not storage.is_file(path):
             raise FileNotFoundError(f"{path} not found: {directory} is not a finished feature directory "
                                     f"(run jobs/precompute_latents.py first)")
+        report_path = storage.join(directory, REPORT_FILE)
+        if storage.is_file(report_path):
+            report = storage.read_json(report_path)
+            if not report.get("ok"):
+                raise ValueError(f"{report_path} says the precompute failed ({report.get('error')}): fix that and "
+                                 f"rerun jobs/precompute_latents.py")
         return cls.from_dict(storage.read_json(path))
 
     def save(self, directory: str | os.PathLike) -> None:

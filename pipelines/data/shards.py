@@ -3,7 +3,7 @@
     for shard in list_tar_shards(input_dir):                          # sorted: positions are shard indices
         with storage.open_input(storage.join(input_dir, shard.name)) as stream:
             for sample in iter_tar_samples(stream):                 # {"__key__", "__mtime__", "jpg": ..., "txt": ...}
-                image = open_rgb(image_bytes(sample))               # PIL RGB; raises when undecodable
+                image = decode_rgb(image_bytes(sample))             # pipelines/core/images: PIL RGB, upright
 
 Two listings, because two producers mark a finished shard differently: the download stage (img2dataset)
 writes NNNNN_stats.json once a tar is complete (download_shards), while the filter stage commits its whole
@@ -12,13 +12,10 @@ output folder at once, so every tar in it counts (list_tar_shards).
 
 from __future__ import annotations
 
-import io
 import re
 import tarfile
 from dataclasses import dataclass
 from typing import IO, Any, Iterator
-
-from PIL import Image
 
 from pipelines.core import storage
 from pipelines.core.config import ConfigError
@@ -58,17 +55,6 @@ def iter_tar_samples(stream: IO[bytes]) -> Iterator[dict[str, Any]]:
 def image_bytes(sample: dict[str, Any]) -> bytes | None:
     """The encoded image of a sample, or None when it has none."""
     return next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-
-
-def open_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
-    """Encoded bytes -> a fully decoded RGB image. `draft_size` lets JPEG decode at a reduced scale (never
-    below that size) when the caller only needs that much. Raises on undecodable or truncated bytes (PIL
-    raises many types: OSError, SyntaxError, DecompressionBombError...)."""
-    with Image.open(io.BytesIO(data)) as img:
-        if draft_size is not None:
-            img.draft("RGB", (draft_size, draft_size))
-        img.load()  # a truncated file fails here, not on open
-        return img.convert("RGB")
 
 
 @dataclass(frozen=True)

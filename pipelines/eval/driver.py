@@ -102,12 +102,40 @@ class EvalConfig:
             raise ConfigError(f"metrics.fid_reference: folder {self.metrics.fid_reference} not found")
 
 
+MLFLOW_SCHEMES = ("runs:/", "models:/")
+# MLflow's error codes for a run, model, version or artifact path that is not there: bad input, not a failure.
+MLFLOW_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
 def check_inputs(cfg: EvalConfig) -> None:
-    """Before any cluster work: the prompt file reads and is not empty; a local model directory is complete
-    (an MLflow URI is checked once downloaded)."""
+    """Before any cluster work: the prompt file reads and is not empty; a local model directory is complete;
+    an MLflow URI names something that exists and holds artifacts (its files are checked once downloaded)."""
     read_prompts(cfg.prompts, cfg.seed)
-    if not cfg.model.startswith(("runs:/", "models:/")):
+    if cfg.model.startswith(MLFLOW_SCHEMES):
+        check_mlflow_model(cfg.model, cfg.mlflow.resolved().tracking_uri)
+    else:
         load_index(cfg.model)
+
+
+def _mlflow_model_error(model: str, err: Exception) -> ConfigError | None:
+    """A ConfigError naming the model when `err` says it is not there; None for other failures (a server down)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException) and err.error_code in MLFLOW_NOT_FOUND:
+        return ConfigError(f"model {model}: {err.message}")
+    return None
+
+
+def check_mlflow_model(model: str, tracking_uri: str | None) -> None:
+    """The run or registered model version behind a runs:/ or models:/ URI exists and lists artifacts."""
+    import mlflow
+
+    try:
+        found = mlflow.artifacts.list_artifacts(artifact_uri=model, tracking_uri=tracking_uri)
+    except Exception as err:  # noqa: BLE001 - only "not found" is bad input; anything else propagates
+        raise _mlflow_model_error(model, err) or err from None
+    if not found:
+        raise ConfigError(f"model {model}: no artifacts there (is the path after the run id right?)")
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -119,12 +147,15 @@ def resolve_model(model: str, into: Path, tracking_uri: str | None) -> str:
     runs:/ or models:/ URI's artifacts downloaded into `into`."""
     from pipelines.inference.export import INDEX_FILE
 
-    if not model.startswith(("runs:/", "models:/")):
+    if not model.startswith(MLFLOW_SCHEMES):
         return storage.absolute(model)
     import mlflow
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(into),
-                                                     tracking_uri=tracking_uri))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(into),
+                                                         tracking_uri=tracking_uri))
+    except Exception as err:  # noqa: BLE001 - only "not found" is bad input; anything else propagates
+        raise _mlflow_model_error(model, err) or err from None
     found = sorted(local.rglob(INDEX_FILE))
     if not found:
         raise FileNotFoundError(f"{model} holds no exported model ({INDEX_FILE} not found in its artifacts)")
@@ -200,8 +231,11 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     settings = cfg.mlflow.resolved()
     prompts = read_prompts(cfg.prompts, cfg.seed)
     with tempfile.TemporaryDirectory(prefix="eval-model-") as tmp:
-        model_dir = resolve_model(cfg.model, Path(tmp), settings.tracking_uri)
-        index = load_index(model_dir)  # a missing or half-written model fails here, before any sampling
+        try:  # a missing or half-written model is refused here, before any sampling
+            model_dir = resolve_model(cfg.model, Path(tmp), settings.tracking_uri)
+            index = load_index(model_dir)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"model {cfg.model}: {err}") from None
         rows = expand_rows(prompts, cfg)
         log.info("sampling %d images (%d prompts x %d seeds x %d guidance scales) with %s, %d steps",
                  len(rows), len(prompts), cfg.sampling.images_per_prompt, len(cfg.sampling.guidance_scales),
@@ -213,7 +247,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     metrics["timing"] = {"sampling_seconds": round(sampling_seconds, 2),
                          "images_per_second": round(len(rows) / max(sampling_seconds, 1e-9), 3),
                          "total_seconds": round(time.time() - started, 2)}
-    storage.write_json(storage.join(cfg.out, METRICS_FILE), metrics)
+    storage.write_json(storage.join(cfg.out, METRICS_FILE), storage.redact_values(metrics))  # a presigned prompts URL
     log_to_mlflow(cfg, settings, index, metrics)
     return metrics
 

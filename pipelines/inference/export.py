@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,8 @@ def write_export(out_dir: str, unet_cfg: UNetConfig, weights: dict[str, torch.Te
                  "scaling_factor": info.scaling_factor, "shift_factor": info.shift_factor,
                  "train_config": info.train_config, "run_name": info.run_name,
                  "mlflow_run_id": info.mlflow_run_id}
-        (local / INDEX_FILE).write_text(json.dumps(index, indent=1))
+        # credentials inside URIs (the train config's, the encoder sources') stay out of the model
+        (local / INDEX_FILE).write_text(json.dumps(storage.redact_values(index), indent=1))
         _publish(local, out_dir)
 
 
@@ -142,14 +144,43 @@ def load_index(model_dir: str | Path) -> dict[str, Any]:
     for name in (f"{UNET_DIR}/{UNET_CONFIG_FILE}", f"{UNET_DIR}/{UNET_WEIGHTS_FILE}", EMPTY_CAPTION_FILE):
         if not storage.is_file(storage.join(root, name)):
             raise FileNotFoundError(f"{root} is incomplete: {name} is missing (re-export the model)")
+    for name in (f"{UNET_DIR}/{UNET_WEIGHTS_FILE}", EMPTY_CAPTION_FILE):
+        check_safetensors_complete(storage.join(root, name))
     return index
+
+
+def check_safetensors_complete(location: str) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header giving each tensor's byte range, then the
+    data: a file whose size is not what its header says was cut short (an interrupted copy or upload) or
+    damaged. Reads only the header, so a model on object storage is checked without fetching it."""
+    fs, path = storage.resolve(location)
+    size = fs.get_file_info(path).size
+    with storage.open_input(location) as stream:
+        head = stream.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        try:
+            header = json.loads(stream.read(length)) if length is not None and 8 + length <= size else None
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{location} is truncated or not a safetensors file ({size} bytes; re-export the model)")
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + length + end:
+        state = "truncated" if size < 8 + length + end else "damaged"
+        raise ValueError(f"{location} is {state}: {size} bytes, its header describes {8 + length + end} "
+                         "(re-export the model)")
 
 
 def load_exported(model_dir: str | Path, device: str | torch.device = "cpu") -> ExportedModel:
     """Load a directory written by write_export; a missing or half-written one is a clear error."""
     root = Path(model_dir)
-    index = load_index(root)
-    unet = UNet.from_pretrained(root / UNET_DIR, device=device).eval()
+    index = load_index(root)  # also refuses truncated weight files
+    try:
+        unet = UNet.from_pretrained(root / UNET_DIR, device=device).eval()
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own type on a damaged file
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{root / UNET_DIR / UNET_WEIGHTS_FILE} is damaged: {err} (re-export the model)") from None
     encoders = EncoderSources.from_dict(index["encoders"])
     if encoders.vae_source == VAE_DIR:
         encoders = dataclasses.replace(encoders, vae_source=str(root / VAE_DIR))

@@ -4,10 +4,15 @@
     images = model.predict(pd.DataFrame({"prompt": ["a red circle"], "seed": [0]}))   # column "png": PNG bytes
 
 Sampling settings come from `params` (sampler, steps, guidance_scale), defaults from SamplerConfig.
+
+Logged from code (MLflow 3's "models from code"): the model is pyfunc_code.py, which MLflow runs at load
+time, with this repository's packages as code_paths; a pickled PythonModel would run whatever the pickle
+holds when loaded, and break on any change to the class.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
@@ -17,6 +22,7 @@ from pipelines.core.runtime import REPO_ROOT
 
 PYFUNC_ARTIFACT = "model_dir"
 _PACKAGES = ("model", "pipelines")
+_MODEL_CODE = Path(__file__).with_name("pyfunc_code.py")
 
 
 class TextToImageModel(mlflow.pyfunc.PythonModel):
@@ -48,7 +54,7 @@ def log_pyfunc_model(tracker: Any, model_dir: str, registered_name: str) -> None
     mlflow.set_tracking_uri(tracker.settings.tracking_uri)
     with mlflow.start_run(run_id=tracker.run_id):
         mlflow.pyfunc.log_model(
-            name="pyfunc_model", python_model=TextToImageModel(), artifacts={PYFUNC_ARTIFACT: model_dir},
+            name="pyfunc_model", python_model=str(_MODEL_CODE), artifacts={PYFUNC_ARTIFACT: model_dir},
             code_paths=[str(REPO_ROOT / p) for p in _PACKAGES], registered_model_name=registered_name,
             # Listed, not inferred: inference imports the model and may try the network.
             pip_requirements=["torch", "safetensors", "diffusers", "open_clip_torch", "pillow", "pandas"])

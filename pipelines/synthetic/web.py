@@ -3,7 +3,8 @@
     dataset = build_dataset(SyntheticConfig(num_good=200, planted=PlantedCounts(http_404=2)))
     with SyntheticServer(dataset.responses) as server:
         write_url_list(dataset, server.base_url, "urls.parquet")
-        ...  # download from the URLs while the server runs
+        ...  # download from the URLs while the server runs (with allow_private_addresses=true: 127.0.0.1 is
+             # a private address, which the download stage refuses by default)
 
 The server binds 127.0.0.1 on a free port chosen by the OS, answers from memory in a thread per
 request, and stops when the `with` block ends. `write_dataset` / `load_dataset` keep a dataset on
@@ -30,12 +31,20 @@ URL_LIST_COLUMNS = ("url", "caption", *(c for c in ITEM_COLUMNS if c not in ("pa
 ITEMS_FILE, ROUTES_FILE, FILES_DIR = "items.parquet", "routes.json", "files"
 
 
-def _handler_class(responses: Mapping[str, Response]) -> type[BaseHTTPRequestHandler]:
+def _handler_class(responses: Mapping[str, Response],
+                   redirects: Mapping[str, str]) -> type[BaseHTTPRequestHandler]:
     class SyntheticHandler(BaseHTTPRequestHandler):
         server_version = "SyntheticWeb/1.0"
 
         def do_GET(self) -> None:  # noqa: N802 (the name http.server dispatches to)
-            response = responses.get(urlsplit(self.path).path, NOT_FOUND)
+            path = urlsplit(self.path).path
+            if path in redirects:
+                self.send_response(302)
+                self.send_header("Location", redirects[path])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            response = responses.get(path, NOT_FOUND)
             self.send_response(response.status)
             self.send_header("Content-Type", response.content_type)
             self.send_header("Content-Length", str(len(response.body)))
@@ -56,17 +65,24 @@ class _QuietThreadingServer(ThreadingHTTPServer):
 
 
 class SyntheticServer:
-    """Context manager: serves `responses` (path -> Response; anything else is 404) on 127.0.0.1."""
+    """Context manager: serves `responses` (path -> Response; anything else is 404) on 127.0.0.1, or on
+    `host` (another loopback address, 127.0.0.2, lets a test tell two servers apart by address).
+    `redirects` (path -> Location) answers 302 for those paths.
 
-    def __init__(self, responses: Mapping[str, Response]):
+    Loopback is a private address: the download stage fetches from it only with allow_private_addresses."""
+
+    def __init__(self, responses: Mapping[str, Response], redirects: Mapping[str, str] | None = None,
+                 host: str = "127.0.0.1"):
         self._responses = dict(responses)
+        self._redirects = dict(redirects or {})
+        self._host = host
         self._server: _QuietThreadingServer | None = None
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "SyntheticServer":
         # Port 0: the OS picks a free port. The socket listens from here on, so requests made before
         # the serving thread runs simply wait in the backlog: no sleep is needed to synchronise.
-        self._server = _QuietThreadingServer(("127.0.0.1", 0), _handler_class(self._responses))
+        self._server = _QuietThreadingServer((self._host, 0), _handler_class(self._responses, self._redirects))
         self._thread = threading.Thread(target=self._server.serve_forever, name="synthetic-web",
                                         daemon=True)
         self._thread.start()

@@ -1,5 +1,5 @@
 """How many times a launch's worker group started (1, plus one per restart after a lost worker or node), and
-where its ranks ran.
+where its ranks ran (node and process id: what a fault test kills).
 
     launch_id = new_launch_id()                                    # the driver, once per `run_training`
     record_start(run_dir, launch_id, rank, node_id, step=12, world_size=2)   # every rank, at each start
@@ -11,6 +11,7 @@ restarts the whole group, so every restart leaves one file per rank; rank 0's fi
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 
@@ -24,10 +25,11 @@ def new_launch_id() -> str:
 
 
 def record_start(run_dir: str, launch_id: str, rank: int, node_id: str, step: int, world_size: int) -> None:
+    """Called by the rank itself, so the pid recorded is its worker process's."""
     name = f"{launch_id}-r{rank:05d}-{uuid.uuid4().hex[:8]}.json"
     storage.write_json(storage.join(run_dir, ATTEMPTS_DIR, name),
                        {"launch_id": launch_id, "rank": rank, "node_id": node_id, "started_at": time.time(),
-                        "from_step": step, "world_size": world_size})
+                        "from_step": step, "world_size": world_size, "pid": os.getpid()})
 
 
 def starts(run_dir: str, launch_id: str | None = None) -> list[dict]:

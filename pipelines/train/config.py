@@ -20,7 +20,7 @@ from model.samplers import SamplerConfig
 from model.unet import CONFIG_FILE as UNET_CONFIG_FILE
 from model.unet import WEIGHTS_FILE as UNET_WEIGHTS_FILE
 from pipelines.core import storage
-from pipelines.core.config import ConfigError, to_dict
+from pipelines.core.config import ConfigError, from_dict, to_dict
 from pipelines.core.ray_train import ScalingSettings
 from pipelines.core.tracking import MLflowSettings
 from pipelines.data.loader import check_manifest_matches, read_manifest
@@ -53,11 +53,8 @@ class ModelSettings:
             base = PRESETS[self.preset]
         else:
             raise ConfigError(f"model.preset: {self.preset!r} is not one of {sorted(PRESETS)}")
-        try:
-            return dataclasses.replace(base, **_tuples(self.overrides))
-        except TypeError as err:
-            raise ConfigError(f"model.overrides: {err}; valid keys: "
-                              f"{[f.name for f in dataclasses.fields(UNetConfig)]}") from None
+        # typed like any config section: a value of the wrong type or an unknown key is a ConfigError naming it
+        return from_dict(UNetConfig, {**dataclasses.asdict(base), **self.overrides}, prefix="model.overrides.")
 
 
 def _read_init_from(init_from: str, name: str, read: bool = True) -> bytes | None:
@@ -76,8 +73,6 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
-def _tuples(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
 @dataclass(frozen=True)
@@ -101,12 +96,22 @@ class EMASettings:
     warmup: bool = True
 
 
+FALLBACKS = ("", "previous")
+
+
 @dataclass(frozen=True)
 class CheckpointSettings:
     every_steps: int = 500
     keep: int = 3  # the last K checkpoints stay on storage
     # Start from this checkpoint directory instead of the run's own latest (e.g. a copy of another run).
     resume_from: str | None = None
+    # "previous": when the run's latest checkpoint is damaged, set it aside (<run dir>/damaged/) and resume
+    # from the newest intact one; "" refuses a damaged checkpoint (pipelines/train/checkpoint.fall_back_to_intact)
+    fallback: str = ""
+
+    def __post_init__(self) -> None:
+        if self.fallback not in FALLBACKS:
+            raise ConfigError(f"checkpoint.fallback must be one of {FALLBACKS}, got {self.fallback!r}")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pipelines.core import storage
 from pipelines.core.config import flatten, to_dict
 from pipelines.core.job import Stage
-from pipelines.core.ray_train import build_torch_trainer
+from pipelines.core.ray_train import build_torch_trainer, fit
 from pipelines.core.runtime import REPO_ROOT, StageReport
 from pipelines.core.tracking import Tracker
 from pipelines.train import attempts, checkpoint
@@ -29,6 +29,9 @@ log = logging.getLogger("latentforge.train")
 
 REPORT_FILE = "train_report.json"
 _VERSIONED = ("torch", "deepspeed", "ray", "mlflow", "diffusers", "open_clip_torch", "safetensors")
+
+
+ALREADY_FINISHED = "already finished"
 
 
 class TrainingError(RuntimeError):
@@ -45,6 +48,7 @@ class TrainResult:
     resumed_from: str | None
     seconds: float
     restarts: int = 0  # worker group restarts after a lost worker or node, in this launch
+    outcome: str = "trained"  # or ALREADY_FINISHED: nothing to train, nothing rewritten
 
 
 def run_dir(cfg: TrainConfig) -> str:
@@ -54,10 +58,22 @@ def run_dir(cfg: TrainConfig) -> str:
 
 
 def check_existing_checkpoint(cfg: TrainConfig) -> str | None:
-    """The checkpoint this launch will continue from (verified), or None for a fresh start."""
-    found = checkpoint.latest_checkpoint(run_dir(cfg)) or cfg.checkpoint.resume_from
-    if found:
-        checkpoint.verify(found, fingerprint(cfg))
+    """The checkpoint this launch will continue from (verified thoroughly: every file's sha256 and DeepSpeed's
+    pickles), or None for a fresh start. A damaged latest checkpoint of the run is refused, or with
+    checkpoint.fallback=previous set aside for the newest intact one (Ray Train's record follows)."""
+    directory = run_dir(cfg)
+    try:
+        found = checkpoint.latest_checkpoint(directory) or cfg.checkpoint.resume_from
+        if found:
+            checkpoint.verify(found, fingerprint(cfg), thorough=True)
+        return found
+    except checkpoint.CheckpointDamaged:
+        if cfg.checkpoint.fallback != "previous" or not checkpoint.has_run_record(directory):
+            raise
+    found = checkpoint.fall_back_to_intact(
+        directory, lambda candidate: checkpoint.verify(candidate, fingerprint(cfg), thorough=True))
+    log.warning("the latest checkpoint of run %s is damaged: set aside under %s; continuing from %s", cfg.run_name,
+                storage.join(directory, checkpoint.DAMAGED_DIR), found)
     return found
 
 
@@ -106,17 +122,26 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     plan = validate_for_launch(cfg)
     resumed_from = check_existing_checkpoint(cfg)
     directory = run_dir(cfg)
+    meta = checkpoint.read_meta(resumed_from) if resumed_from else {}
+    resumed_step = int(meta.get("step", 0))
+    if resumed_from and finished(cfg, resumed_step):
+        log.info("run %s already finished at step %d (max_steps %d): nothing to train, and the export at %s and "
+                 "the MLflow run are left as they are; raise max_steps to train longer", cfg.run_name,
+                 resumed_step, cfg.max_steps, storage.join(directory, EXPORT_DIR))
+        return TrainResult(run_dir=directory, export_dir=storage.join(directory, EXPORT_DIR), steps=resumed_step,
+                           final_loss=None, mlflow_run_id=meta.get("mlflow_run_id"), resumed_from=resumed_from,
+                           seconds=round(time.time() - started, 1), outcome=ALREADY_FINISHED)
     if resumed_from:
         log.info("continuing run %s from checkpoint %s", cfg.run_name, resumed_from)
         prepare_resume(resumed_from, cfg.scaling.num_workers)
     tracker = Tracker.open(cfg.mlflow, cfg.run_name, tags=run_tags(cfg, plan))
-    tracker.log_params(flatten(to_dict(cfg)))
+    tracker.log_params(flatten(to_dict(cfg)), step=resumed_step)  # a setting changed on a resume: from that step
     tracker.log_dict(to_dict(cfg), "config.json")
     launch = Launch(features_dir=plan.features_dir, run_dir=directory, micro_batch=plan.micro_batch,
                     grad_accum_steps=plan.grad_accum_steps, mlflow=to_dict(tracker.settings),
                     mlflow_run_id=tracker.run_id, launch_id=attempts.new_launch_id())
     try:
-        result = build_trainer(cfg, plan, launch).fit()
+        result = fit(build_trainer(cfg, plan, launch))  # a diverged run ends here, not restarted
     except Exception as err:
         tracker.log_metrics({"restarts": _restarts(directory, launch.launch_id)}, step=0)
         tracker.finish("FAILED")
@@ -131,6 +156,19 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                           seconds=round(time.time() - started, 1), restarts=restarts)
     tracker.finish("FINISHED")
     return outcome
+
+
+def finished(cfg: TrainConfig, checkpoint_step: int) -> bool:
+    """Whether the run's latest checkpoint is at max_steps or beyond and its export is complete and of that step:
+    a rerun then has nothing to do (an export missing or of another step is written again by a launch)."""
+    from pipelines.inference.export import load_index
+
+    if checkpoint_step < cfg.max_steps:
+        return False
+    try:
+        return load_index(storage.join(run_dir(cfg), EXPORT_DIR)).get("step") == checkpoint_step
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def _restarts(directory: str, launch_id: str) -> int:
@@ -148,7 +186,7 @@ def publish_model(tracker: Tracker, export_dir: str, registered_model: str | Non
         return
     with storage.local_dir(export_dir) as local:  # MLflow uploads local files
         tracker.log_artifacts(local, "model")
-        if registered_model:
+        if registered_model and tracker.run_id:  # None: MLflow still unreachable
             from pipelines.inference.mlflow_model import log_pyfunc_model
 
             tracker.call("register the model", log_pyfunc_model, tracker, local, registered_model)

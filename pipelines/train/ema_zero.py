@@ -3,7 +3,7 @@
     ema = ShardedEMA(engine, EMAConfig(max_decay=0.9999, start_step=1000))
     ...
     engine.step(); ema.update(step)                                 # local: each rank its own fragment
-    torch.save(ema.state_dict(), f"{ckpt}/ema_rank{rank}.pt")       # EVERY rank, its own file
+    state = ema.state_dict()                                        # EVERY rank, into its checkpoint part
     weights = ema.full_state_dict(rank0_only=True)                  # collective: call on EVERY rank
     with ema.swapped_in(): sample(engine.module)                    # EMA weights in the module (collective)
 
@@ -323,7 +323,8 @@ class ShardedEMA:
             raise ValueError(f"EMA state saved with {saved} cannot be loaded here ({ours}): each rank loads the "
                              "file it saved, under the same ZeRO stage and world size; to change them, start "
                              "from the exported full weights")
-        if dict(state["fragments"]) != self._fragment_table():
+        # (start, numel) pairs come back from the checkpoint's JSON as lists
+        if {name: tuple(f) for name, f in state["fragments"].items()} != self._fragment_table():
             raise ValueError("the EMA state's fp32 master fragments differ from this run's (another model, or "
                              "other DeepSpeed partitioning settings): start from the exported full weights")
         self.ema.load_state_dict(state["ema"])

@@ -1,6 +1,7 @@
-"""Per-step training policies: the learning-rate schedule and what to do with a NaN/inf loss.
+"""Per-step training policies: the learning-rate schedule and what to do with a NaN/inf loss or gradient.
 
-Pure torch (no Ray, no DeepSpeed import) so the worker loop, benchmarks and tests share one
+Pure torch (no Ray, no DeepSpeed import; NonFiniteLossError's base class comes from pipelines.core.ray_train,
+which imports Ray only inside its functions) so the worker loop, benchmarks and tests share one
 definition. Both are functions of the step (or of a tiny state dict), so a resumed run at step k
 behaves exactly like an uninterrupted one:
 
@@ -22,6 +23,8 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor
+
+from pipelines.core.ray_train import FinalTrainingError
 
 LR_KINDS = ("cosine", "constant")
 
@@ -101,13 +104,13 @@ class LRSchedule:
         return lr
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(FinalTrainingError):
+    """The run diverged: a restart from the last checkpoint would only diverge again, so it ends the run."""
 
 
 @dataclass(frozen=True)
 class NonFinitePolicy:
-    """Skip a step whose loss is NaN/inf and count it; stop after max_consecutive in a row.
+    """Skip a step whose loss or gradient norm is NaN/inf and count it; stop after max_consecutive in a row.
 
     Isolated bad steps (one odd batch, a bf16 overflow) are survivable, so they are skipped rather
     than fatal; a run of them means the run has diverged and going on only burns compute.
@@ -171,7 +174,7 @@ class NonFiniteGuard:
         if self.consecutive >= self.policy.max_consecutive:
             at = f"at step {step}" if step is not None else "now"
             raise NonFiniteLossError(
-                f"loss was NaN/inf for {self.consecutive} steps in a row {at} "
+                f"the loss or the gradient norm was NaN/inf for {self.consecutive} steps in a row {at} "
                 f"(max_consecutive={self.policy.max_consecutive}, {self.total_skipped} skipped in total); "
                 "the run has diverged: lower the learning rate or lengthen the warm-up, and check the data "
                 "(NaN latents/embeddings) and the precision (bf16/fp16 overflow)"

@@ -17,9 +17,11 @@ zeroed before the forward pass, so the pass stays finite and the backward of a z
 zero gradients while DeepSpeed's accumulation counter, its gradient reductions and ZeRO partitions stay
 in step on every rank. A step whose micro-batches were ALL bad is skipped for the weights: it runs with
 learning rate 0, so no parameter changes (Adam's moment estimates still decay by one step). Each bad step
-is counted; `nonfinite.max_consecutive` bad steps in a row stop the run. A loss that turns non-finite
-inside the forward pass of finite inputs (bf16 overflow, diverged weights) leaves non-finite gradients:
-in bf16 DeepSpeed's overflow check then skips the whole step.
+is counted; `nonfinite.max_consecutive` bad steps in a row stop the run. A finite loss can still give a
+non-finite gradient (an overflow inside backward, diverged weights): DeepSpeed's ZeRO optimizers find the
+global gradient norm NaN/inf and skip the update (`engine.was_step_applied()` is False); that step is bad
+too, under the same count. That verdict is the same on every rank: the norm is all-reduced, and so is
+DeepSpeed's overflow flag.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ class TrainStep:
 
     def run(self, step: int, micro_batches: Sequence[dict[str, Any]]) -> dict[str, Tensor | float]:
         """Forward/backward every micro-batch and take the optimizer step; -> loss (a tensor on the
-        device), lr, skipped micro-batches, grad norm (a tensor or a float, as DeepSpeed gives it).
+        device), lr (0.0 when the step did not move the weights), skipped micro-batches, grad norm (a tensor
+        or a float, as DeepSpeed gives it).
 
         The ranks' verdicts stay on the device (an all-reduce per micro-batch, no wait for it); the host
         reads them once, before the optimizer step, to zero the LR of a step with no good micro-batch."""
@@ -103,10 +106,12 @@ class TrainStep:
                 if good == 0:
                     self._set_lr(0.0)  # every micro-batch was bad: the step must not move the weights
             self.engine.step()
-        self.guard.record(good > 0, step)  # raises after nonfinite.max_consecutive bad steps in a row
+        # a host flag DeepSpeed already read (no sync): False when the gradient norm was NaN/inf
+        applied = good > 0 and self.engine.was_step_applied()
+        self.guard.record(applied, step)  # raises after nonfinite.max_consecutive bad steps in a row
         grad_norm = self.engine.get_global_grad_norm()
         # loss and grad norm stay tensors where they are: the caller reads them once per log line
-        return {"loss": torch.stack(losses).nanmean(), "lr": lr if good else 0.0,
+        return {"loss": torch.stack(losses).nanmean(), "lr": lr if applied else 0.0,
                 "skipped_micro_batches": len(micro_batches) - good,
                 "grad_norm": grad_norm if grad_norm is not None else float("nan")}
 

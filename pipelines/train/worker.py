@@ -79,9 +79,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if launch.launch_id:
         attempts.record_start(launch.run_dir, launch.launch_id, rank, ray.get_runtime_context().get_node_id(),
                               worker.start_step, world_size)
-    worker.train()
-    worker.export()
-    worker.close()
+    try:
+        worker.train()  # a diverged run raises NonFiniteLossError on every rank at the same step
+        worker.export()
+    finally:
+        worker.close()
 
 
 def _device() -> torch.device:
@@ -139,7 +141,8 @@ class Worker:
         # before the first step: an encoder missing on this node fails the run now, not at the first preview
         self.previews = PreviewGrid(cfg.samples, self.loader.manifest, rank, world_size, self.device)
         self.tracker = Tracker.attach(from_dict(MLflowSettings, launch.mlflow),
-                                      launch.mlflow_run_id if rank == 0 else None)
+                                      launch.mlflow_run_id if rank == 0 else None,
+                                      run_name=cfg.run_name if rank == 0 else None)  # MLflow was down at the start
         self.stream: Prefetcher | None = None
         self.start_step = 0
         self.last_stats: dict[str, float] = {}
@@ -236,7 +239,8 @@ class Worker:
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
             checkpoint.save(tmp, self.engine, self.rank, done, state, meta)
             metrics = {"step": done, **{k: v for k, v in self.last_stats.items() if v == v}}
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint.checkpoint_dir_name(done))
         if self.rank == 0:
             log.info("checkpoint of step %d saved", done)
 

@@ -35,6 +35,9 @@ class TrainSettings:
     grid_images: int = 8
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    # "previous": a damaged latest checkpoint is set aside (<run dir>/damaged/) and the run resumes from the
+    # newest intact one; "" refuses it (pipelines/vae/worker.intact_checkpoint)
+    checkpoint_fallback: str = ""
     max_nonfinite_steps: int = 5  # NaN/inf losses in a row before the run stops (each one is skipped)
 
 
@@ -88,6 +91,10 @@ def _check_settings(cfg: TrainVAEConfig) -> None:
         raise ConfigError(f"train.lr / train.warmup_steps / train.lr_schedule: {err}") from None
     if cfg.scaling.cpus_per_worker <= 0 or cfg.failure.max_failures < 0:
         raise ConfigError("scaling.cpus_per_worker must be > 0 and failure.max_failures >= 0")
+    from pipelines.train.config import FALLBACKS
+
+    if t.checkpoint_fallback not in FALLBACKS:
+        raise ConfigError(f"train.checkpoint_fallback must be one of {FALLBACKS}, got {t.checkpoint_fallback!r}")
 
 
 def _check_output_dir(output_dir: str) -> None:

@@ -52,14 +52,16 @@ from typing import Any
 from pipelines.core import storage
 from pipelines.core.config import ConfigError, config_differences, flatten, to_dict
 from pipelines.core.job import Stage
-from pipelines.core.ray_train import build_torch_trainer
+from pipelines.core.ray_train import RunStoppedError, build_torch_trainer, fit
 from pipelines.core.runtime import StageReport
 from pipelines.core.tracking import MLflowSettings, Tracker
 from pipelines.vae.config import TrainVAEConfig, check_inputs
 from pipelines.vae.model import REPORT_FILE
-from pipelines.vae.worker import CHECKPOINT_CONFIG_FILE, train_loop_per_worker
+from pipelines.vae.worker import CHECKPOINT_CONFIG_FILE, intact_checkpoint, train_loop_per_worker
 
 log = logging.getLogger("latentforge.train_vae")
+
+ALREADY_FINISHED = "already finished"  # the report's outcome of a rerun with nothing to train
 
 
 def resolved(cfg: TrainVAEConfig, settings: MLflowSettings) -> TrainVAEConfig:
@@ -79,10 +81,8 @@ def build_trainer(cfg: TrainVAEConfig, run_id: str | None):
 def check_resume(cfg: TrainVAEConfig) -> str | None:
     """The checkpoint a rerun of run_name continues from, or None; ConfigError when it was trained
     with another VAE or image size (a resume would silently mix two models)."""
-    from pipelines.train.checkpoint import latest_checkpoint
-
     run_dir = storage.join(storage.absolute(cfg.storage_path), cfg.run_name)
-    found = latest_checkpoint(run_dir)
+    found = intact_checkpoint(run_dir, cfg.train.checkpoint_fallback)  # verified, or CheckpointDamaged (exit 2)
     if found is None:
         return None
     config_file = storage.join(found, CHECKPOINT_CONFIG_FILE)
@@ -92,7 +92,8 @@ def check_resume(cfg: TrainVAEConfig) -> str | None:
                           f"choose another run_name or storage_path")
     saved, current = storage.read_json(config_file), to_dict(cfg)
     model_keys = ("vae", "image_size")  # what makes it another model; the rest may change on a resume
-    changed = config_differences({k: saved.get(k) for k in model_keys}, {k: current[k] for k in model_keys})
+    changed = config_differences({k: saved.get(k) for k in model_keys},
+                                 {k: storage.redact_values(current[k]) for k in model_keys})  # saved redacted
     if changed:
         raise ConfigError(f"run_name {cfg.run_name!r} already has checkpoints in {run_dir} of another model "
                           f"({'; '.join(changed)}): choose another run_name (or storage_path) for a new model, "
@@ -101,18 +102,48 @@ def check_resume(cfg: TrainVAEConfig) -> str | None:
     return found
 
 
+def checkpoint_step(cfg: TrainVAEConfig) -> int:
+    """The step of the run's latest checkpoint (0: none), from Ray Train's record of the run."""
+    from ray.train import Result
+
+    from pipelines.train.checkpoint import latest_checkpoint
+
+    run_dir = storage.join(storage.absolute(cfg.storage_path), cfg.run_name)
+    if latest_checkpoint(run_dir) is None:
+        return 0
+    return int((Result.from_path(run_dir).metrics or {}).get("step", 0))
+
+
+def finished_report(cfg: TrainVAEConfig, step: int) -> dict[str, Any] | None:
+    """The report of this run's export when the run is at train.steps and exported at that step (a rerun then
+    has nothing to do), else None."""
+    if step < cfg.train.steps or not storage.is_file(report_path(cfg)):
+        return None
+    report = storage.read_json(report_path(cfg))
+    mine = report.get("ok") and report.get("run_name") == cfg.run_name and report.get("steps") == step
+    return report if mine else None
+
+
 def train_vae(cfg: TrainVAEConfig) -> dict[str, Any]:
     """Open the MLflow run, train on Ray Train, return the export's report. Ray must be running;
-    call check_inputs and check_resume first. Raises ray.train.TrainingFailedError when training fails."""
+    call check_inputs and check_resume first. Raises ray.train.TrainingFailedError when training fails,
+    RunStoppedError when it diverged."""
     import ray.train
 
+    step = checkpoint_step(cfg)
+    done = finished_report(cfg, step)
+    if done is not None:
+        log.info("run %s already finished at step %d (train.steps %d): nothing to train, and the export at %s and "
+                 "the MLflow run are left as they are; raise train.steps to train longer", cfg.run_name, step,
+                 cfg.train.steps, storage.absolute(cfg.output_dir))
+        return {**done, "outcome": ALREADY_FINISHED}
     tracker = Tracker.open(cfg.mlflow, cfg.run_name, tags={"latentforge.job": "train_vae"})
     cfg = resolved(cfg, tracker.settings)
-    tracker.log_params(flatten(to_dict(cfg)))
+    tracker.log_params(flatten(to_dict(cfg)), step=step)  # a setting changed on a resume: from that step
     tracker.log_dict(to_dict(cfg), "train_vae_config.json")
     try:
-        build_trainer(cfg, tracker.run_id).fit()
-    except ray.train.TrainingFailedError:
+        fit(build_trainer(cfg, tracker.run_id))
+    except (ray.train.TrainingFailedError, RunStoppedError):
         tracker.finish("FAILED")
         raise
     tracker.finish("FINISHED")
@@ -153,7 +184,8 @@ def run_train_vae(cfg: TrainVAEConfig) -> StageReport:
              "MLflow run %s at %s", out["output_dir"], exported["scaling_factor"], out["output_dir"],
              storage.join(out["storage_path"], cfg.run_name), exported["mlflow_run_id"],
              out["mlflow"]["tracking_uri"])
-    return StageReport("train_vae", details={k: v for k, v in exported.items() if k not in ("stage", "ok")})
+    kept = ("stage", "ok", "rows_in", "rows_out", "dropped", "dropped_total", "seconds", "error")  # a rerun's report
+    return StageReport("train_vae", details={k: v for k, v in exported.items() if k not in kept})
 
 
 STAGE = Stage("train_vae", TrainVAEConfig, run=run_train_vae, report_path=report_path, check=_checked,

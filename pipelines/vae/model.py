@@ -105,7 +105,7 @@ def export_vae(vae: "AutoencoderKL", output_dir: str, scaling_factor: float, rep
     staging = Path(storage.temp_name(str(final)))
     try:
         vae.save_pretrained(staging, safe_serialization=True)
-        storage.write_json(str(staging / REPORT_FILE), report)
+        storage.write_json(str(staging / REPORT_FILE), storage.redact_values(report))  # credentials inside URIs
         previous = Path(storage.temp_name(str(final)))
         if final.exists():
             final.rename(previous)

@@ -66,11 +66,48 @@ def _restore(vae: "AutoencoderKL", cfg: TrainVAEConfig) -> tuple[TrainState, dic
     if checkpoint is None:
         return TrainState(), None
     with checkpoint.as_directory() as directory:
+        verify_checkpoint(directory, thorough=False)
         saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     vae.load_state_dict(saved["model"])
     state = TrainState(**saved["state"])
     log.info("resuming run %s at step %d (%d images seen)", cfg.run_name, state.step, state.images_seen)
     return dataclasses.replace(state, start_step=state.step, train_seconds=0.0), saved["optimizer"]
+
+
+FALLBACK_SETTING = "--set train.checkpoint_fallback=previous"
+
+
+def verify_checkpoint(location: str, thorough: bool) -> None:
+    """A checkpoint's files against their listing: sizes, and sha256 when thorough (the driver, before launch).
+    One written before listings were recorded is loaded as it is (its state.pt loads weights-only)."""
+    from pipelines.train.checkpoint import COMPLETE_FILE, CheckpointDamaged, verify_listing
+
+    if not storage.is_file(storage.join(location, COMPLETE_FILE)):
+        log.warning("checkpoint %s has no %s (written by an older version): its files are not verified",
+                    location, COMPLETE_FILE)
+        return
+    try:
+        verify_listing(location, COMPLETE_FILE, thorough=thorough)
+    except CheckpointDamaged as err:
+        raise CheckpointDamaged(err.problem, FALLBACK_SETTING) from None
+
+
+def intact_checkpoint(run_dir: str, fallback: str) -> str | None:
+    """The run's latest checkpoint (None: none) when it verifies; else with train.checkpoint_fallback=previous
+    the newest intact one, the damaged ones set aside (checkpoint.fall_back_to_intact); else CheckpointDamaged."""
+    from pipelines.train.checkpoint import CheckpointDamaged, fall_back_to_intact, has_run_record, latest_checkpoint
+
+    try:
+        found = latest_checkpoint(run_dir)
+        if found is not None:
+            verify_checkpoint(found, thorough=True)
+        return found
+    except CheckpointDamaged as err:
+        if fallback != "previous" or not has_run_record(run_dir):
+            raise CheckpointDamaged(err.problem, FALLBACK_SETTING) from None
+    found = fall_back_to_intact(run_dir, lambda candidate: verify_checkpoint(candidate, thorough=True))
+    log.warning("the latest checkpoint of %s is damaged: set aside under damaged/; continuing from %s", run_dir, found)
+    return found
 
 
 def _save_checkpoint(w: _Worker, vae: "AutoencoderKL", optimizer: Any, state: TrainState) -> None:
@@ -85,7 +122,13 @@ def _save_checkpoint(w: _Worker, vae: "AutoencoderKL", optimizer: Any, state: Tr
     with tempfile.TemporaryDirectory() as directory:
         torch.save({"model": vae.state_dict(), "optimizer": optimizer.state_dict(),
                     "state": dataclasses.asdict(state)}, Path(directory) / CHECKPOINT_FILE)
-        storage.write_json(str(Path(directory) / CHECKPOINT_CONFIG_FILE), to_dict(w.cfg))  # for check_resume
+        storage.write_json(str(Path(directory) / CHECKPOINT_CONFIG_FILE),  # for check_resume; no credentials
+                           storage.redact_values(to_dict(w.cfg)))
+        # written last: every file with its size and sha256 (verify_listing)
+        from pipelines.train.checkpoint import COMPLETE_FILE, file_listing
+
+        storage.write_json(str(Path(directory) / COMPLETE_FILE),
+                           {"step": state.step, "files": file_listing(Path(directory))})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -190,7 +233,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     w = _Worker(cfg, rank, world_size, get_device(),
-                Tracker.attach(cfg.mlflow, config["run_id"] if rank == 0 else None))
+                Tracker.attach(cfg.mlflow, config["run_id"] if rank == 0 else None,
+                               run_name=cfg.run_name if rank == 0 else None))  # MLflow was down at the start
     vae = load_trainable_vae(cfg.vae.source, cfg.vae.seed)  # same seeded init on every rank
     state, optimizer_state = _restore(vae, cfg)
     model = prepare_model(vae_loss_module(vae, cfg.train))  # DDP when world > 1

@@ -15,8 +15,9 @@ REPORT_FILE = "filter_report.json"
 STAGE_NAME = "filter"
 
 # Every drop reason, in the order the checks run; a row is counted under the first that fails.
+# unreadable_shard: the samples a damaged tar held after the damage (its _stats.json count minus those read).
 REASONS = (
-    "missing_image", "caption_missing", "caption_not_utf8", "caption_empty", "caption_too_short",
+    "unreadable_shard", "missing_image", "caption_missing", "caption_not_utf8", "caption_empty", "caption_too_short",
     "caption_too_long", "undecodable_image", "image_too_small", "aspect_ratio", "clip_similarity",
     "duplicate_key", "exact_duplicate", "near_duplicate",
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -14,10 +15,11 @@ import pyarrow.compute as pc
 from pipelines.core import storage
 from pipelines.core.config import to_dict
 from pipelines.core.job import Stage
-from pipelines.core.runtime import StageReport
+from pipelines.core.runtime import StageReport, upstream_report
+from pipelines.data.download import REPORT_FILE as DOWNLOAD_REPORT
 from pipelines.data.filter.config import REASONS, STAGE_NAME, FilterConfig, check_inputs, report_path
 from pipelines.data.filter.dedup import decide
-from pipelines.data.filter.scan import SHARD_ERROR_IDX, run_scan
+from pipelines.data.filter.scan import SHARD_ERROR_IDX, SHARD_SHA256_IDX, run_scan
 from pipelines.data.filter.write import write_and_commit
 from pipelines.data.shards import DownloadShards, download_shards
 
@@ -36,13 +38,21 @@ def fingerprint(cfg: FilterConfig, inputs: DownloadShards) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def check_stage_inputs(cfg: FilterConfig) -> FilterConfig:
+    """check_inputs, and the download stage's verdict: its report must exist and say ok (ConfigError)."""
+    cfg = check_inputs(cfg)
+    upstream_report(cfg.input_dir, DOWNLOAD_REPORT, "download", "jobs/download_data.py")
+    return cfg
+
+
 def committed_report(cfg: FilterConfig, fp: str) -> dict | None:
-    """The committed report when it says ok, matches `fp`, and all its shards are present."""
+    """The committed report when it says ok, matches `fp`, all its shards are present, and it records
+    their content (sha256: what the next stage identifies them by)."""
     old = _read_report(report_path(cfg))
-    if not old or not old.get("ok") or old.get("fingerprint") != fp:
+    if not old or not old.get("ok") or old.get("fingerprint") != fp or "input_shards" not in old:
         return None
     present = storage.list_files(cfg.output_dir)
-    if any(s["name"] not in present for s in old.get("output_shards", [])):
+    if any(s["name"] not in present or not s.get("sha256") for s in old.get("output_shards", [])):
         return None
     return old
 
@@ -79,15 +89,40 @@ def _tally(report: StageReport, records: pa.Table, reasons: list[str]) -> dict[s
     return plan
 
 
-def _split_shard_errors(records: pa.Table) -> tuple[pa.Table, list[dict]]:
-    is_error = pc.equal(records.column("idx"), SHARD_ERROR_IDX)
-    errors = records.filter(is_error)
-    damaged = [{"name": s, "error": e} for s, e in zip(errors.column("shard").to_pylist(),
-                                                        errors.column("key").to_pylist())]
-    for item in damaged:
-        log.warning("input shard %s is damaged; kept the samples before the damage: %s",
-                    item["name"], item["error"])
-    return records.filter(pc.invert(is_error)), damaged
+def _shard_records(records: pa.Table, idx: int) -> dict[str, str]:
+    """{shard: key} of the per-shard records with this idx (SHARD_ERROR_IDX, SHARD_SHA256_IDX)."""
+    found = records.filter(pc.equal(records.column("idx"), idx))
+    return dict(zip(found.column("shard").to_pylist(), found.column("key").to_pylist()))
+
+
+def _split_shard_records(records: pa.Table) -> tuple[pa.Table, dict[str, str], dict[str, str]]:
+    """-> (the sample records, {damaged shard: error}, {shard: sha256 of its bytes})."""
+    errors, digests = _shard_records(records, SHARD_ERROR_IDX), _shard_records(records, SHARD_SHA256_IDX)
+    return records.filter(pc.greater_equal(records.column("idx"), 0)), errors, digests
+
+
+def _count_damaged(report: StageReport, cfg: FilterConfig, records: pa.Table, errors: dict[str, str]) -> list[dict]:
+    """A damaged tar keeps the samples before the damage; the ones after it (img2dataset's count of the tar's
+    samples, NNNNN_stats.json `successes`, minus those read) are counted as unreadable_shard."""
+    read = collections.Counter(records.column("shard").to_pylist())
+    damaged = []
+    for name, error in sorted(errors.items()):
+        lost = max(_samples_written(cfg.input_dir, name) - read[name], 0)
+        report.drop("unreadable_shard", lost)
+        report.rows_in += lost
+        damaged.append({"name": name, "error": error, "rows_read": read[name], "rows_lost": lost})
+        log.warning("input shard %s is damaged after %d samples (%d more lost, counted as unreadable_shard): %s",
+                    name, read[name], lost, error)
+    return damaged
+
+
+def _samples_written(input_dir: str, name: str) -> int:
+    """How many samples img2dataset wrote into tar `name` (0 when its stats file does not say)."""
+    try:
+        stats = storage.read_json(storage.join(input_dir, f"{name[:-len('.tar')]}_stats.json"))
+        return int(stats.get("successes", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 def _no_rows_message(report: StageReport) -> str:
@@ -100,7 +135,7 @@ def _no_rows_message(report: StageReport) -> str:
 def run_filter(cfg: FilterConfig) -> StageReport:
     """Scan, decide, write and commit. The caller writes the returned report to report_path(cfg)
     (runtime.finish): that write is the commit marker. ConfigError for bad settings or paths."""
-    cfg = check_inputs(cfg)
+    cfg = check_stage_inputs(cfg)
     inputs = download_shards(cfg.input_dir)
     fp = fingerprint(cfg, inputs)
     old = None if cfg.force else committed_report(cfg, fp)
@@ -117,24 +152,27 @@ def run_filter(cfg: FilterConfig) -> StageReport:
         report.fail(f"no finished shards (NNNNN.tar with NNNNN_stats.json) in {cfg.input_dir}")
         return report
     started = time.time()
-    records, damaged = _split_shard_errors(run_scan(cfg, [s.name for s in inputs.finished]))
+    records, errors, digests = _split_shard_records(run_scan(cfg, [s.name for s in inputs.finished]))
     scanned = time.time()
     plan = _tally(report, records, decide(records, cfg.dedup))
-    report.details["shards_damaged"] = damaged
+    report.details["shards_damaged"] = _count_damaged(report, cfg, records, errors)
+    # what was consumed, by content (sha256 of the bytes the scan read: no extra read)
+    report.details["input_shards"] = [{"name": s.name, "sha256": digests[s.name]} for s in inputs.finished]
     log.info("scanned %d rows in %.1f s (%.0f rows/s); keeping %d", report.rows_in,
              scanned - started, report.rows_in / max(scanned - started, 1e-9), report.rows_out)
     if report.rows_out == 0:
         report.fail(_no_rows_message(report))
         return report
     written = write_and_commit(cfg, plan)
-    if sum(written.values()) != report.rows_out:
-        report.fail(f"wrote {sum(written.values())} rows but decided to keep {report.rows_out}: "
-                    f"an input shard changed during the run; rerun")
+    if sum(w["rows"] for w in written.values()) != report.rows_out:
+        report.fail(f"wrote {sum(w['rows'] for w in written.values())} rows but decided to keep "
+                    f"{report.rows_out}: an input shard changed during the run; rerun")
     seconds = time.time() - started
-    report.details.update(output_shards=[{"name": n, "rows": r} for n, r in sorted(written.items())],
+    # sha256 of the bytes written (computed while writing): the identity precompute checks its inputs by
+    report.details.update(output_shards=[{"name": n, **w} for n, w in sorted(written.items())],
                           scan_seconds=round(scanned - started, 3),
                           rows_per_second=round(report.rows_in / max(seconds, 1e-9), 1))
     return report
 
 
-STAGE = Stage(STAGE_NAME, FilterConfig, run=run_filter, report_path=report_path, check=check_inputs)
+STAGE = Stage(STAGE_NAME, FilterConfig, run=run_filter, report_path=report_path, check=check_stage_inputs)

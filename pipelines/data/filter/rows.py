@@ -5,21 +5,48 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import numpy as np
 from PIL import Image
 
 from pipelines.core import storage
+from pipelines.core.images import decode_rgb
 from pipelines.data.filter.config import CaptionChecks, FilterConfig, ImageChecks
-from pipelines.data.shards import KEY_FIELD, image_bytes, iter_tar_samples, open_rgb
+from pipelines.data.shards import KEY_FIELD, image_bytes, iter_tar_samples
 
 
-def iter_samples(uri: str) -> Iterator[dict[str, Any]]:
+class HashingReader:
+    """A read-only stream that feeds every byte read through `digest`: the content identity of a shard
+    comes for free with the one read the stage makes anyway."""
+
+    def __init__(self, stream: IO[bytes], digest: "hashlib._Hash") -> None:
+        self.stream, self.digest = stream, digest
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> None:
+        """Read to the end (tar's trailing padding, or what follows damage), so the digest covers the file."""
+        while self.read(1 << 20):
+            pass
+
+
+def iter_samples(uri: str, digest: "hashlib._Hash | None" = None) -> Iterator[dict[str, Any]]:
     """Samples of one tar in file order (pipelines/data/shards.py); a key that comes back later is
-    a new sample (decide() drops the repeat)."""
+    a new sample (decide() drops the repeat). With `digest`, every byte of the file goes through it,
+    also when the tar is damaged (the error still propagates)."""
     with storage.open_input(uri) as stream:
-        yield from iter_tar_samples(stream)
+        if digest is None:
+            yield from iter_tar_samples(stream)
+            return
+        reader = HashingReader(stream, digest)
+        try:
+            yield from iter_tar_samples(reader)
+        finally:
+            reader.drain()
 
 
 def caption_check(raw: bytes | None, checks: CaptionChecks) -> tuple[str, str]:
@@ -60,7 +87,7 @@ def size_check(stored: tuple[int, int], original: tuple[int, int] | None, checks
 def decode_or_none(data: bytes) -> Image.Image | None:
     """An undecodable image is a dropped row here, not an error."""
     try:
-        return open_rgb(data)
+        return decode_rgb(data)
     except Exception:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
         return None
 

@@ -4,6 +4,7 @@ alive. Only records come back to the driver, never pixels."""
 
 from __future__ import annotations
 
+import hashlib
 import tarfile
 from typing import Iterator
 
@@ -13,9 +14,9 @@ from PIL import Image, ImageOps
 
 from pipelines.core import storage
 from pipelines.core.config import from_dict, to_dict
+from pipelines.core.images import decode_rgb
 from pipelines.data.filter.config import FilterConfig
 from pipelines.data.filter.rows import analyze, iter_samples
-from pipelines.data.shards import open_rgb
 
 _RECORD_FIELDS = [
     ("shard", pa.string()), ("idx", pa.int32()), ("key", pa.string()), ("reason", pa.string()),
@@ -24,6 +25,7 @@ _RECORD_FIELDS = [
 ]
 _CLIP_FIELDS = [("caption", pa.string()), ("image", pa.binary())]  # only while CLIP needs them
 SHARD_ERROR_IDX = -1  # a record with this idx reports a damaged tar (its key holds the error)
+SHARD_SHA256_IDX = -2  # a record with this idx carries the sha256 of the tar's bytes (its key), one per shard
 
 
 def _records_table(shard: str, records: list[dict], with_clip: bool) -> pa.Table:
@@ -38,8 +40,9 @@ def scan_shards(batch: dict[str, np.ndarray], cfg: dict) -> Iterator[pa.Table]:
     config = from_dict(FilterConfig, cfg)
     for name in batch["name"]:
         records: list[dict] = []
+        digest = hashlib.sha256()
         try:
-            for idx, sample in enumerate(iter_samples(storage.join(config.input_dir, name))):
+            for idx, sample in enumerate(iter_samples(storage.join(config.input_dir, name), digest)):
                 records.append({**analyze(sample, config), "idx": idx})
                 if len(records) == 512:
                     yield _records_table(name, records, config.clip.enabled)
@@ -48,6 +51,7 @@ def scan_shards(batch: dict[str, np.ndarray], cfg: dict) -> Iterator[pa.Table]:
             # keep what was read; tell the driver the rest of this shard is unreadable
             records.append({"idx": SHARD_ERROR_IDX, "key": f"{type(err).__name__}: {err}",
                             "reason": "shard_read_error"})
+        records.append({"idx": SHARD_SHA256_IDX, "key": digest.hexdigest(), "reason": "shard_sha256"})
         yield _records_table(name, records, config.clip.enabled)
 
 
@@ -77,7 +81,7 @@ class ClipScorer:
         import torch
 
         h, w = self.size
-        arrays = [np.asarray(ImageOps.fit(open_rgb(b), (w, h), Image.Resampling.BICUBIC))
+        arrays = [np.asarray(ImageOps.fit(decode_rgb(b), (w, h), Image.Resampling.BICUBIC))
                   for b in images]  # every image here decoded once already in the scan
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, h, w)
         return ((x - self.mean) / self.std).to(self.device)

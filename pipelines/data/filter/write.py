@@ -3,9 +3,11 @@ into a staging folder, then moved over the output folder's shards."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 import uuid
+from typing import IO, Any
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -19,11 +21,26 @@ from pipelines.data.shards import KEY_FIELD, MTIME_FIELD
 STAGING_PREFIX = ".staging-"  # <output>/.staging-<id>/: one run's shards until the commit
 
 
-def write_shard(input_uri: str, output_uri: str, keep: set[int]) -> int:
+class HashingWriter:
+    """A write-only stream that feeds every byte written through sha256: the shard's content identity,
+    recorded in the report for the next stage, at no extra read."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream, self.digest = stream, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.stream.write(data)
+
+
+def write_shard(input_uri: str, output_uri: str, keep: set[int]) -> dict[str, Any]:
     """Copy the samples at positions `keep` (original bytes, members sorted by extension) to
-    `output_uri`, committed atomically: readers never see a partial tar."""
-    with storage.atomic_output(output_uri) as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
-        return _copy_samples(input_uri, tar, keep)
+    `output_uri`, committed atomically: readers never see a partial tar. -> {"rows", "sha256"}."""
+    with storage.atomic_output(output_uri) as stream:
+        writer = HashingWriter(stream)
+        with tarfile.open(fileobj=writer, mode="w|") as tar:
+            rows = _copy_samples(input_uri, tar, keep)
+    return {"rows": rows, "sha256": writer.digest.hexdigest()}
 
 
 def _copy_samples(input_uri: str, tar: tarfile.TarFile, keep: set[int]) -> int:
@@ -46,19 +63,20 @@ def _copy_samples(input_uri: str, tar: tarfile.TarFile, keep: set[int]) -> int:
 def write_shards(batch: dict[str, np.ndarray], cfg: dict, staging: str) -> dict[str, np.ndarray]:
     """Ray Data UDF: one write_shard per row of (name, keep positions)."""
     config = from_dict(FilterConfig, cfg)
-    rows = [write_shard(storage.join(config.input_dir, name), storage.join(staging, name), set(keep.tolist()))
-            for name, keep in zip(batch["name"], batch["keep"])]
-    return {"name": batch["name"], "rows": np.asarray(rows, np.int64)}
+    written = [write_shard(storage.join(config.input_dir, name), storage.join(staging, name), set(keep.tolist()))
+               for name, keep in zip(batch["name"], batch["keep"])]
+    return {"name": batch["name"], "rows": np.asarray([w["rows"] for w in written], np.int64),
+            "sha256": np.asarray([w["sha256"] for w in written], dtype=object)}
 
 
-def run_write(cfg: FilterConfig, plan: dict[str, list[int]], staging: str) -> dict[str, int]:
+def run_write(cfg: FilterConfig, plan: dict[str, list[int]], staging: str) -> dict[str, dict[str, Any]]:
     import ray
 
     items = [{"name": name, "keep": keep} for name, keep in sorted(plan.items())]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(write_shards, fn_kwargs={"cfg": to_dict(cfg), "staging": staging},
                         batch_size=1, batch_format="numpy", num_cpus=cfg.compute.num_cpus)
-    return {row["name"]: int(row["rows"]) for row in ds.take_all()}
+    return {row["name"]: {"rows": int(row["rows"]), "sha256": str(row["sha256"])} for row in ds.take_all()}
 
 
 def _remove_staging_dirs(output_dir: str) -> None:
@@ -68,7 +86,7 @@ def _remove_staging_dirs(output_dir: str) -> None:
             storage.remove_dir(storage.join(output_dir, name))
 
 
-def commit(cfg: FilterConfig, staging: str, written: dict[str, int]) -> None:
+def commit(cfg: FilterConfig, staging: str, written: dict[str, dict[str, Any]]) -> None:
     """Replace the output folder's shards with the staged ones. The old report goes first, so
     from here until the caller writes the new report the folder reads as unfinished."""
     fs, out = storage.resolve(cfg.output_dir)
@@ -83,7 +101,7 @@ def commit(cfg: FilterConfig, staging: str, written: dict[str, int]) -> None:
     storage.remove_dir(staging)
 
 
-def write_and_commit(cfg: FilterConfig, plan: dict[str, list[int]]) -> dict[str, int]:
+def write_and_commit(cfg: FilterConfig, plan: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
     storage.makedirs(cfg.output_dir)
     _remove_staging_dirs(cfg.output_dir)
     staging = storage.join(cfg.output_dir, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")

@@ -15,7 +15,9 @@ config.py holds the settings.
 Why this shape:
 - One output shard per input shard (part-NNNNN from the sorted tar list) gives deterministic names,
   and each output shard has exactly one writer (the driver), so "write a temporary name, then rename"
-  commits it atomically. A rerun skips shards whose final name exists; nothing is ever appended.
+  commits it atomically. A rerun skips shards made from the same input bytes (the sha256 the filter
+  recorded for each tar, kept in the shard's footer), redoes those whose input changed, removes those
+  whose input is gone; nothing is ever appended.
 - One pipeline for all shards (not one per shard) keeps the encoder actors alive: loading the models
   dominates small runs.
 - Completeness without counting tars first: the reader numbers each tar's samples (ordinal) and flags the

@@ -8,8 +8,8 @@ from pathlib import Path
 from pipelines.core import storage
 from pipelines.core.compute import ActorPool
 from pipelines.core.config import ConfigError
+from pipelines.data.schema import REPORT_FILE
 
-REPORT_FILE = "precompute_report.json"
 DTYPES = ("float32", "float16", "bfloat16")
 
 

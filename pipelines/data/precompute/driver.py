@@ -13,24 +13,31 @@ from pipelines.core.config import to_dict
 from pipelines.core.job import Stage
 from pipelines.core.runtime import StageReport
 from pipelines.data.precompute.config import PrecomputeConfig, report_path
-from pipelines.data.precompute.encode import BUSY_SECONDS, EncoderActor, start_probe
-from pipelines.data.precompute.output import ShardAssembler, build_manifest, finished_shards, prepare_output
+from pipelines.data.precompute.encode import BUSY_SECONDS, EncoderActor, encoder_info, start_probe
+from pipelines.data.precompute.output import (
+    InputShard,
+    ShardAssembler,
+    build_manifest,
+    filter_inputs,
+    finished_shards,
+    is_current,
+    prepare_output,
+)
 from pipelines.data.precompute.rows import SHARD, read_and_decode
-from pipelines.data.shards import tar_shard_names
 
 log = logging.getLogger("latentforge.precompute")
 
 
-def build_dataset(cfg: PrecomputeConfig, inputs: list[str], pending: list[int]):
+def build_dataset(cfg: PrecomputeConfig, inputs: list[InputShard], pending: list[int]):
     """The Ray Data pipeline over the pending input shards (lazy: runs when iterated)."""
     import ray
 
     c = cfg.compute
-    items = [{"shard": i, "name": inputs[i]} for i in pending]
+    items = [{"shard": i, "name": inputs[i].name, "rows": inputs[i].rows} for i in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))  # one read task per tar
     ds = ds.map_batches(read_and_decode, batch_size=1, batch_format="numpy",
                         fn_kwargs={"input_dir": cfg.input_dir, "image_size": cfg.image_size,
-                                   "chunk": c.batch_size},
+                                   "chunk": c.batch_size, "text_model": cfg.text.model},
                         compute=ray.data.TaskPoolStrategy(size=c.read_concurrency), num_cpus=c.read_num_cpus)
     return ds.map_batches(EncoderActor, batch_size=c.batch_size, batch_format="numpy",
                           fn_constructor_kwargs={"config": to_dict(cfg)},
@@ -38,7 +45,7 @@ def build_dataset(cfg: PrecomputeConfig, inputs: list[str], pending: list[int]):
                           num_cpus=c.num_cpus_per_actor, num_gpus=c.num_gpus_per_actor)
 
 
-def run_pending(cfg: PrecomputeConfig, assembler: ShardAssembler, inputs: list[str],
+def run_pending(cfg: PrecomputeConfig, assembler: ShardAssembler, inputs: list[InputShard],
                 pending: list[int]) -> dict[str, Any]:
     """Encode and commit the pending shards; returns timings for the report.
 
@@ -58,7 +65,7 @@ def run_pending(cfg: PrecomputeConfig, assembler: ShardAssembler, inputs: list[s
 
 
 def _fill_report(report: StageReport, finished: dict[int, dict[str, Any]], written: list[dict[str, Any]],
-                 timings: dict[str, Any]) -> None:
+                 removed: int, timings: dict[str, Any], context_length: int) -> None:
     """Counts over every finished shard (also those of earlier runs); timings of this run only."""
     for provenance in finished.values():
         report.rows_in += provenance["rows_in"]
@@ -67,16 +74,23 @@ def _fill_report(report: StageReport, finished: dict[int, dict[str, Any]], writt
             report.drop(reason, count)
     report.details.update({
         "shards": len(finished), "shards_written": len(written), "shards_skipped": len(finished) - len(written),
-        "rows_processed": sum(p["rows_in"] for p in written), **timings})
+        "shards_removed": removed, "rows_processed": sum(p["rows_in"] for p in written),
+        # kept rows whose caption the text encoder cut to its context length (tokens past it never seen)
+        "captions_truncated": sum(p.get("captions_truncated", 0) for p in finished.values()),
+        "text_context_length": context_length,
+        "shards_damaged": [{"name": p["source"], **p["damaged"]} for _, p in sorted(finished.items())
+                           if p.get("damaged")],
+        # what was consumed, by content: the sha256 the filter computed while writing each shard
+        "input_shards": [{"name": p["source"], "sha256": p.get("source_sha256")} for _, p in sorted(finished.items())],
+        **timings})
     if report.rows_out == 0:
         report.fail("no rows left after precompute (every row was dropped)")
 
 
 def run_precompute(cfg: PrecomputeConfig) -> StageReport:
     """The stage on a running Ray. Raises FeatureMismatchError before any write when the output
-    directory holds features made differently; returns the report (also written to the output)."""
-    import ray
-
+    directory holds features made differently; returns the report (also written to the output). Encoders
+    that cannot be loaded raise EncoderLoadError (one line)."""
     cfg.validate()
     if cfg.text.layer == "embeddings" and cfg.text.weights is not None:
         log.warning("text.layer=embeddings with trained text weights (%s): the U-Net gets each word without its "
@@ -86,31 +100,39 @@ def run_precompute(cfg: PrecomputeConfig) -> StageReport:
     cfg = dataclasses.replace(cfg, input_dir=storage.absolute(cfg.input_dir),
                               output_dir=storage.absolute(cfg.output_dir))
     report = StageReport(stage="precompute")
-    inputs = tar_shard_names(cfg.input_dir)
-    if not inputs:
-        report.fail(f"no *.tar shards in {cfg.input_dir}")
-        return report
+    inputs = filter_inputs(cfg.input_dir)
     storage.makedirs(cfg.output_dir)
     probe = start_probe(cfg)
-    pending = [i for i in range(len(inputs)) if i not in finished_shards(cfg.output_dir)]
-    log.info("%d input shards: %d to encode, %d already finished", len(inputs), len(pending),
-             len(inputs) - len(pending))
+    existing = finished_shards(cfg.output_dir)
+    # by content, not name: a shard made from other bytes than its input holds now is redone
+    pending = [i for i in range(len(inputs)) if i not in existing or not is_current(existing[i], inputs[i])]
+    vanished = sorted(i for i in existing if i >= len(inputs))
+    log.info("%d input shards: %d to encode (%d changed since encoded), %d already finished; %d feature shard(s) "
+             "of inputs that are gone to remove", len(inputs), len(pending), sum(i in existing for i in pending),
+             len(inputs) - len(pending), len(vanished))
     # The output is checked when the first encoded batch arrives rather than before the pipeline
     # starts: the probe then loads its models while the actors load theirs (minutes for big models).
+    changes = bool(pending or vanished)
     assembler = ShardAssembler(cfg.output_dir, inputs, len(pending),
-                                lambda: prepare_output(cfg, ray.get(probe), inputs))
-    timings = run_pending(cfg, assembler, inputs, pending) if pending else {}
+                                lambda: prepare_output(cfg, encoder_info(probe), changes, vanished))
+    try:
+        timings = run_pending(cfg, assembler, inputs, pending) if pending else {}
+    except Exception:
+        encoder_info(probe)  # encoders that cannot load: the probe's one line, not the actors' death
+        raise
     assembler.ready()  # also when nothing was pending: the check and the clean-up still run
-    info = ray.get(probe)
+    info = encoder_info(probe)
     finished = finished_shards(cfg.output_dir)
     build_manifest(cfg, info, finished).save(cfg.output_dir)
-    _fill_report(report, finished, assembler.committed, timings)
+    _fill_report(report, finished, assembler.committed, len(vanished), timings, info.text_shape[0])
     report.details["output_dir"] = cfg.output_dir
     return report
 
 
 def _validated(cfg: PrecomputeConfig) -> PrecomputeConfig:
+    """Before Ray starts: the settings, and the filter's verdict on input_dir (filter_inputs)."""
     cfg.validate()
+    filter_inputs(storage.absolute(cfg.input_dir))
     return cfg
 
 

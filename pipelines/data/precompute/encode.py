@@ -3,6 +3,7 @@ probe that reports the encoders' ids, shapes and the empty caption."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,8 @@ from pipelines.core.config import from_dict, to_dict
 from pipelines.data import schema
 from pipelines.data.precompute.config import PrecomputeConfig
 from pipelines.data.precompute.rows import DROP_REASON, IMAGE, NON_FINITE_LATENTS, NON_FINITE_TEXT
+
+log = logging.getLogger("latentforge.precompute")
 
 BUSY_SECONDS = "_busy_seconds"  # an encoder call's compute time, spread over its rows (throughput)
 
@@ -33,18 +36,44 @@ class EncoderInfo:
         return schema.FeatureShapes(self.latent_shape, self.text_shape)
 
 
+LOAD_ATTEMPTS = 3  # an encoder load is retried: a shared file system or a node's disk may fail once
+LOAD_RETRY_SECONDS = 2.0  # the wait before the second attempt, doubled before each later one
+
+
+class EncoderLoadError(RuntimeError):
+    """The encoders failed to load on every attempt; the message is one line naming the sources and the error.
+
+    Exit 1, not 2 (bad input): what fails here has passed the config check (the paths exist), and loading the
+    weights to find out earlier would take the driver's machine, which may lack the memory or the GPU the actors
+    load them on; the failure can also be the node's (memory, disk, driver) rather than the files'."""
+
+
 def load_encoders(cfg: PrecomputeConfig):
-    """-> (FrozenVAE, FrozenTextEncoder) on CUDA when the actor was given a GPU, else CPU."""
+    """-> (FrozenVAE, FrozenTextEncoder) on CUDA when the actor was given a GPU, else CPU. Tried LOAD_ATTEMPTS
+    times; then raises EncoderLoadError with the last error."""
     import torch
 
     from model.encoders import build_text_encoder, build_vae
 
     device = "cuda" if cfg.compute.num_gpus_per_actor > 0 else "cpu"
     dtype = getattr(torch, cfg.compute.dtype)
-    vae = build_vae(cfg.vae.source, seed=cfg.vae.seed, device=device, dtype=dtype)
-    text = build_text_encoder(cfg.text.model, cfg.text.weights, layer=cfg.text.layer,
-                              seed=cfg.text.seed, device=device, dtype=dtype)
-    return vae, text
+    wait = LOAD_RETRY_SECONDS
+    for attempt in range(1, LOAD_ATTEMPTS + 1):
+        try:
+            vae = build_vae(cfg.vae.source, seed=cfg.vae.seed, device=device, dtype=dtype)
+            text = build_text_encoder(cfg.text.model, cfg.text.weights, layer=cfg.text.layer,
+                                      seed=cfg.text.seed, device=device, dtype=dtype)
+            return vae, text
+        except Exception as err:  # noqa: BLE001 - any load error may be passing; the last one is reported
+            error = err
+            log.warning("loading the encoders failed (attempt %d of %d): %s", attempt, LOAD_ATTEMPTS, err)
+            if attempt < LOAD_ATTEMPTS:
+                time.sleep(wait)
+                wait *= 2
+    raise EncoderLoadError(
+        f"the encoders (vae.source={cfg.vae.source!r}, text.model={cfg.text.model!r}, text.weights="
+        f"{cfg.text.weights!r}) failed to load in {LOAD_ATTEMPTS} attempts: {type(error).__name__}: "
+        f"{' '.join(str(error).split())}") from error
 
 
 def encode_batch(vae, text, images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]:
@@ -117,6 +146,17 @@ def probe_encoders(config: dict[str, Any]) -> EncoderInfo:
         text_shape=(text.context_length, text.width),
         empty_states=states[0].cpu().numpy().astype(schema.FEATURE_DTYPE),
         empty_mask=mask[0].cpu().numpy().astype(bool))
+
+
+def encoder_info(probe) -> EncoderInfo:
+    """The probe's result (waits for it). An encoder that failed to load raises EncoderLoadError with its own
+    one line, not Ray's wrapping of it (the remote traceback)."""
+    import ray
+
+    try:
+        return ray.get(probe)
+    except EncoderLoadError as err:  # Ray raises a task's error as an instance of its class, the original as .cause
+        raise EncoderLoadError(str(getattr(err, "cause", err))) from None
 
 
 def start_probe(cfg: PrecomputeConfig):

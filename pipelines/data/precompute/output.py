@@ -7,6 +7,7 @@ import json
 import logging
 import struct
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,16 +18,58 @@ import pyarrow.parquet as pq
 from pipelines.core import storage
 from pipelines.core.config import ConfigError, config_differences, to_dict
 from pipelines.core.progress import Progress
+from pipelines.core.runtime import upstream_report
 from pipelines.data import schema
+from pipelines.data.filter.config import REPORT_FILE as FILTER_REPORT
 from pipelines.data.precompute.config import PrecomputeConfig
 from pipelines.data.precompute.encode import EncoderInfo
-from pipelines.data.precompute.rows import DROP_REASON, LAST, ORDINAL, SHARD
+from pipelines.data.precompute.rows import (
+    CAPTION_TOKENS,
+    DROP_REASON,
+    LAST,
+    ORDINAL,
+    ROWS_LOST,
+    SHARD,
+    UNREADABLE_SHARD,
+)
 
 log = logging.getLogger("latentforge.precompute")
 
 
 class FeatureMismatchError(ConfigError):
     """The output directory holds features made differently from what the config asks for."""
+
+
+@dataclass(frozen=True)
+class InputShard:
+    """One input tar as the filter stage committed it: its content identity is the sha256 the filter computed
+    while writing it (recorded in filter_report.json), so a rerun knows which inputs changed without reading
+    every tar again."""
+
+    name: str
+    sha256: str
+    rows: int  # samples in it: what a damaged copy lost is counted against this
+
+
+def filter_inputs(input_dir: str) -> list[InputShard]:
+    """The filter folder's shards, sorted by name (positions are shard indices), from its report, which must say
+    ok and list each shard's sha256; each listed tar must be there. ConfigError (exit 2) otherwise."""
+    report = upstream_report(input_dir, FILTER_REPORT, "filter", "jobs/filter_data.py")
+    listed = report.get("output_shards") or []
+    if not listed or not all(isinstance(s, dict) and s.get("sha256") for s in listed):
+        raise ConfigError(f"{storage.join(input_dir, FILTER_REPORT)} lists no shards with their sha256 (written "
+                          f"by an older version): rerun jobs/filter_data.py")
+    present = storage.list_files(input_dir, suffix=".tar")
+    missing = sorted(s["name"] for s in listed if s["name"] not in present)
+    if missing:
+        raise ConfigError(f"{input_dir} lacks {missing[:3]} that its {FILTER_REPORT} lists: the folder changed "
+                          f"after the filter committed it; rerun jobs/filter_data.py")
+    return [InputShard(s["name"], s["sha256"], int(s.get("rows", 0))) for s in sorted(listed, key=lambda s: s["name"])]
+
+
+def is_current(provenance: dict[str, Any], source: InputShard) -> bool:
+    """Was this feature shard made from exactly this input (name and content)?"""
+    return provenance.get("source") == source.name and provenance.get("source_sha256") == source.sha256
 
 
 def run_spec(cfg: PrecomputeConfig, info: EncoderInfo) -> dict[str, Any]:
@@ -54,17 +97,13 @@ def finished_shards(output_dir: str) -> dict[int, dict[str, Any]]:
     return found
 
 
-def check_compatible(spec: dict[str, Any], inputs: list[str], finished: dict[int, dict[str, Any]],
-                     output_dir: str) -> None:
-    """Raise FeatureMismatchError when existing outputs were made differently (encoders, size, inputs)."""
+def check_compatible(spec: dict[str, Any], finished: dict[int, dict[str, Any]], output_dir: str) -> None:
+    """Raise FeatureMismatchError when existing outputs were made by other encoders or at another size (a
+    changed input is no mismatch: its shard is redone)."""
     problems = []
     for index, provenance in sorted(finished.items()):
         recorded = {k: provenance.get(k) for k in spec}
         problems += [f"{schema.shard_name(index)} {d}" for d in config_differences(recorded, spec)]
-        source = inputs[index] if index < len(inputs) else None
-        if provenance.get("source") != source:
-            problems.append(f"{schema.shard_name(index)} was made from {provenance.get('source')!r}, "
-                            f"the input shard at that position is now {source!r}")
     manifest_path = storage.join(output_dir, schema.MANIFEST_FILE)
     if storage.is_file(manifest_path):
         manifest = storage.read_json(manifest_path)
@@ -77,7 +116,7 @@ def check_compatible(spec: dict[str, Any], inputs: list[str], finished: dict[int
         shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise FeatureMismatchError(
             f"output_dir {output_dir} already holds features that do not match this config:\n  {shown}\n"
-            f"Features from different encoders or inputs must not mix: use a new output_dir, or the "
+            f"Features from different encoders must not mix: use a new output_dir, or the "
             f"original encoder settings.")
 
 
@@ -113,7 +152,7 @@ def write_empty_caption(output_dir: str, info: EncoderInfo) -> None:
 class ShardAssembler:
     """Collects encoded rows per input shard and commits each shard once all its rows have arrived."""
 
-    def __init__(self, output_dir: str, inputs: list[str], pending: int,
+    def __init__(self, output_dir: str, inputs: list[InputShard], pending: int,
                  prepare: Callable[[], tuple[dict[str, Any], schema.FeatureShapes]]) -> None:
         self.output_dir, self.inputs, self.prepare = output_dir, inputs, prepare
         self.progress = Progress(pending, "shards")
@@ -149,7 +188,7 @@ class ShardAssembler:
         self.ready()
         for shard in pending:
             if shard in self.expected and len(self.ordinals[shard]) != self.expected[shard]:
-                raise RuntimeError(f"{self.inputs[shard]}: {len(self.ordinals[shard])} of "
+                raise RuntimeError(f"{self.inputs[shard].name}: {len(self.ordinals[shard])} of "
                                    f"{self.expected[shard]} rows arrived")
             if shard not in self.done:
                 self.commit(shard)
@@ -158,8 +197,8 @@ class ShardAssembler:
         rows = _merge_parts(self.parts.pop(shard, []))
         reasons = rows.get(DROP_REASON, np.array([], dtype=object))
         kept = reasons == ""
-        provenance = {**self.spec, "source": self.inputs[shard], "rows_in": int(len(reasons)),
-                      "rows": int(kept.sum()), "dropped": dict(Counter(reasons[~kept].tolist()))}
+        provenance = {**self.spec, "source": self.inputs[shard].name, "source_sha256": self.inputs[shard].sha256,
+                      **_counts(rows, reasons, kept, context_length=self.shapes.text[0])}
         table = self._table(rows, kept).replace_schema_metadata(
             {schema.SHARD_PROVENANCE_KEY: json.dumps(provenance).encode()})
         # the commit: the final name appears only when the file is complete
@@ -168,7 +207,8 @@ class ShardAssembler:
         self.committed.append({"index": shard, **provenance})
         self.done.add(shard)
         log.info("%s | committed %s: %d rows (%d dropped) from %s", self.progress.line(len(self.committed)),
-                 schema.shard_name(shard), provenance["rows"], len(reasons) - provenance["rows"], self.inputs[shard])
+                 schema.shard_name(shard), provenance["rows"], provenance["rows_in"] - provenance["rows"],
+                 self.inputs[shard].name)
 
     def _table(self, rows: dict[str, np.ndarray], kept: np.ndarray) -> pa.Table:
         if not rows:
@@ -177,6 +217,22 @@ class ShardAssembler:
             self.shapes, [str(k) for k in rows[schema.KEY][kept]], [str(c) for c in rows[schema.CAPTION][kept]],
             rows[schema.LATENT_MEAN][kept], rows[schema.LATENT_LOGVAR][kept],
             rows[schema.TEXT_STATES][kept], rows[schema.TEXT_LENGTH][kept])
+
+
+def _counts(rows: dict[str, np.ndarray], reasons: np.ndarray, kept: np.ndarray,
+            context_length: int) -> dict[str, Any]:
+    """A shard's provenance counts: rows in / out, dropped per reason (an unreadable_shard marker counts the
+    rows it stands for), captions the text encoder cut to its context length, and the damage if any."""
+    marker = reasons == UNREADABLE_SHARD
+    lost = int(rows[ROWS_LOST][marker].sum()) if marker.any() else 0
+    dropped = Counter(reasons[~kept & ~marker].tolist())
+    if lost:
+        dropped[UNREADABLE_SHARD] = lost
+    counts = {"rows_in": int((~marker).sum()) + lost, "rows": int(kept.sum()), "dropped": dict(dropped),
+              "captions_truncated": int((rows[CAPTION_TOKENS][kept] > context_length).sum()) if rows else 0}
+    if marker.any():
+        counts["damaged"] = {"error": str(rows[schema.CAPTION][marker][0]), "rows_lost": lost}
+    return counts
 
 
 def _merge_parts(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -190,7 +246,8 @@ def _merge_parts(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def build_manifest(cfg: PrecomputeConfig, info: EncoderInfo, finished: dict[int, dict[str, Any]]) -> schema.Manifest:
     shards = tuple({"name": schema.shard_name(i), "rows": p["rows"], "rows_in": p["rows_in"],
-                    "source": p["source"]} for i, p in sorted(finished.items()))
+                    "source": p["source"], "source_sha256": p.get("source_sha256")}
+                   for i, p in sorted(finished.items()))
     return schema.Manifest(
         image_size=cfg.image_size, latent_shape=info.latent_shape, text_shape=info.text_shape,
         vae=info.vae, text_encoder=info.text_encoder, shards=shards,
@@ -207,12 +264,21 @@ def _recorded_config(cfg: PrecomputeConfig) -> dict[str, Any]:
     return config
 
 
-def prepare_output(cfg: PrecomputeConfig, info: EncoderInfo,
-                   inputs: list[str]) -> tuple[dict[str, Any], schema.FeatureShapes]:
-    """Before the first commit: existing outputs must match (else FeatureMismatchError, nothing
-    written), a killed run's temporary files go, the empty caption is stored."""
+def prepare_output(cfg: PrecomputeConfig, info: EncoderInfo, changes: bool,
+                   vanished: list[int]) -> tuple[dict[str, Any], schema.FeatureShapes]:
+    """Before the first commit: existing outputs must come from the same encoders (else
+    FeatureMismatchError, nothing written). When this run changes the folder (`changes`: shards to
+    write or remove), the report and the manifest go first, so until the run ends the folder reads as
+    unfinished (Manifest.load refuses it) instead of as the old, stale one; then the shards of inputs
+    that are gone (`vanished`) and a killed run's temporary files go, and the empty caption is stored."""
     spec = run_spec(cfg, info)
-    check_compatible(spec, inputs, finished_shards(cfg.output_dir), cfg.output_dir)
+    check_compatible(spec, finished_shards(cfg.output_dir), cfg.output_dir)
+    if changes:
+        storage.remove(storage.join(cfg.output_dir, schema.REPORT_FILE))
+        storage.remove(storage.join(cfg.output_dir, schema.MANIFEST_FILE))
+    for index in vanished:
+        storage.remove(storage.join(cfg.output_dir, schema.shard_name(index)))
+        log.info("removed %s: its input shard is gone from the filter's output", schema.shard_name(index))
     removed = storage.remove_temporaries(cfg.output_dir)
     write_empty_caption(cfg.output_dir, info)
     log.info("output %s checked against vae %s and text encoder %s; %d stale temporary files removed",

@@ -1,22 +1,45 @@
 """Reading and decoding (CPU tasks): tar samples -> in-flight rows (key, caption, image in [-1, 1],
-shard index, ordinal, last flag, drop reason). The in-flight columns never reach a Parquet file."""
+shard index, ordinal, last flag, drop reason, caption tokens, rows lost). The in-flight columns never
+reach a Parquet file.
+
+A tar damaged part way (a copy cut short) keeps the samples before the damage and ends with one marker
+row (reason unreadable_shard, its caption the error) that stands for the samples lost after it: the
+filter's count of the shard's rows minus those read (ROWS_LOST)."""
 
 from __future__ import annotations
 
 import tarfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from pipelines.core import storage
+from pipelines.core.images import decode_rgb
 from pipelines.data import schema
-from pipelines.data.shards import KEY_FIELD, image_bytes, iter_tar_samples, open_rgb
+from pipelines.data.shards import KEY_FIELD, image_bytes, iter_tar_samples
 
 SHARD, ORDINAL, LAST, IMAGE, DROP_REASON = "_shard", "_ordinal", "_last", "_image", "_drop_reason"
+CAPTION_TOKENS = "_caption_tokens"  # the caption's tokens before the tokenizer cuts it (-1: not counted)
+ROWS_LOST = "_rows_lost"  # on an unreadable_shard marker row: how many rows it stands for; else 0
 
 # Drop reasons, the keys of the report's "dropped" counts.
 MISSING_IMAGE, MISSING_CAPTION, BAD_CAPTION = "missing_image", "missing_caption", "caption_not_utf8"
 DECODE_ERROR, NON_FINITE_LATENTS, NON_FINITE_TEXT = "decode_error", "non_finite_latents", "non_finite_text"
+UNREADABLE_SHARD = "unreadable_shard"  # rows of a damaged tar after the damage
+
+
+def token_counter(text_model: str) -> Callable[[str], int]:
+    """caption -> its tokens, SOT and EOT included, before the tokenizer cuts them to the text encoder's
+    context length (more than that: the encoder saw a truncated caption). The text encoder's own tokenizer
+    (FrozenTextEncoder.build takes the same); -1 for a tokenizer that cannot count without cutting."""
+    import open_clip
+
+    from model.encoders import _open_clip_name
+
+    encode = getattr(open_clip.get_tokenizer(_open_clip_name(text_model)), "encode", None)
+    if encode is None:
+        return lambda caption: -1
+    return lambda caption: len(encode(caption)) + 2
 
 
 def vae_input(data: bytes, size: int) -> np.ndarray:
@@ -24,7 +47,7 @@ def vae_input(data: bytes, size: int) -> np.ndarray:
     Raises on undecodable bytes."""
     from PIL import Image
 
-    img = open_rgb(data, draft_size=size)
+    img = decode_rgb(data, draft_size=size)
     w, h = img.size
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
@@ -33,17 +56,6 @@ def vae_input(data: bytes, size: int) -> np.ndarray:
     img = img.crop((left, top, left + size, top + size))
     pixels = np.asarray(img, dtype=np.float32)  # (S, S, 3) in [0, 255]
     return pixels.transpose(2, 0, 1) / 127.5 - 1.0
-
-
-def _with_last_flag(items: Iterator) -> Iterator[tuple[Any, bool]]:
-    """Yield (item, is_last) with a one-item lookahead."""
-    previous, has_previous = None, False
-    for item in items:
-        if has_previous:
-            yield previous, False
-        previous, has_previous = item, True
-    if has_previous:
-        yield previous, True
 
 
 def sample_row(key: str, files: dict[str, bytes], size: int) -> dict[str, Any]:
@@ -71,26 +83,46 @@ def _stack(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     batch = {name: np.array([r[name] for r in rows], dtype=object)
              for name in (schema.KEY, schema.CAPTION, DROP_REASON)}
     batch[IMAGE] = np.stack([r[IMAGE] for r in rows])  # (B, 3, S, S)
-    for name, dtype in ((SHARD, np.int32), (ORDINAL, np.int64), (LAST, bool)):
+    for name, dtype in ((SHARD, np.int32), (ORDINAL, np.int64), (LAST, bool), (CAPTION_TOKENS, np.int32),
+                        (ROWS_LOST, np.int64)):
         batch[name] = np.array([r[name] for r in rows], dtype=dtype)
     return batch
 
 
-def read_and_decode(batch: dict[str, np.ndarray], input_dir: str, image_size: int,
-                    chunk: int) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data generator UDF: rows (shard index, tar name) -> decoded sample batches of <= chunk rows."""
-    for shard, name in zip(batch["shard"], batch["name"]):
-        rows = []
-        try:
-            with storage.open_input(storage.join(input_dir, name)) as stream:
-                for ordinal, ((key, files), last) in enumerate(_with_last_flag(
-                        (sample[KEY_FIELD], sample) for sample in iter_tar_samples(stream))):
-                    row = sample_row(key, files, image_size)
-                    rows.append({**row, SHARD: shard, ORDINAL: ordinal, LAST: last})
-                    if len(rows) == chunk:
-                        yield _stack(rows)
-                        rows = []
-        except (tarfile.TarError, OSError) as err:
-            raise RuntimeError(f"input shard {name} is unreadable: {err}") from err
+def _shard_rows(input_dir: str, name: str, expected: int, image_size: int,
+                count_tokens: Callable[[str], int]) -> Iterator[dict[str, Any]]:
+    """One tar's rows in order, without the in-flight shard/ordinal/last columns. Damage ends the tar with
+    an unreadable_shard marker; every sample read before it is still yielded."""
+    read, error = 0, None
+    try:
+        with storage.open_input(storage.join(input_dir, name)) as stream:
+            for sample in iter_tar_samples(stream):
+                row = sample_row(sample[KEY_FIELD], sample, image_size)
+                yield {**row, CAPTION_TOKENS: count_tokens(row[schema.CAPTION]) if not row[DROP_REASON] else -1,
+                       ROWS_LOST: 0}
+                read += 1
+    except (tarfile.TarError, OSError, EOFError) as err:
+        error = f"{type(err).__name__}: {err}"
+    if error is not None:
+        yield {schema.KEY: "", schema.CAPTION: error, IMAGE: np.zeros((3, image_size, image_size), np.float32),
+               DROP_REASON: UNREADABLE_SHARD, CAPTION_TOKENS: -1, ROWS_LOST: max(expected - read, 0)}
+
+
+def read_and_decode(batch: dict[str, np.ndarray], input_dir: str, image_size: int, chunk: int,
+                    text_model: str) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data generator UDF: rows (shard index, tar name, its row count) -> decoded sample batches of
+    <= chunk rows, each row numbered (ORDINAL) and the tar's last one flagged (LAST)."""
+    count_tokens = token_counter(text_model)
+    for shard, name, expected in zip(batch["shard"], batch["name"], batch["rows"]):
+        rows, previous = [], None
+        for ordinal, row in enumerate(_shard_rows(input_dir, name, int(expected), image_size, count_tokens)):
+            if previous is not None:  # one row of lookahead: the last one gets LAST
+                rows.append(previous)
+                if len(rows) == chunk:
+                    yield _stack(rows)
+                    rows = []
+            previous = {**row, SHARD: shard, ORDINAL: ordinal, LAST: False}
+        if previous is not None:
+            rows.append({**previous, LAST: True})
         if rows:
             yield _stack(rows)
