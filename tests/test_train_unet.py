@@ -104,7 +104,8 @@ def test_resume_by_run_name_gives_bit_identical_losses_and_weights(work, ref, sp
 def test_resume_from_a_uri_continues_exactly(work, ref):
     """checkpoint.resume_from as a URI (file:// here; s3:// goes through the same pyarrow filesystem code):
     every worker fetches DeepSpeed's files to a local temporary copy, and the new run continues ref's."""
-    step_6 = next(p for p in Path(ref.run_dir).glob("checkpoint_*") if checkpoint.read_meta(str(p))["step"] == 6)
+    step_6 = Path(ref.run_dir) / checkpoint.checkpoint_dir_name(6)
+    assert checkpoint.read_meta(str(step_6))["step"] == 6
     result = run_training(make_cfg(work, "from-uri", f"checkpoint.resume_from=file://{step_6}"))
     assert result.resumed_from == f"file://{step_6}"
     ours, theirs = losses(work, result.mlflow_run_id), losses(work, ref.mlflow_run_id)
