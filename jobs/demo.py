@@ -4,6 +4,7 @@ Starts a local Ray head and the synthetic image server, then runs every stage th
 run: download -> filter -> train_vae -> precompute -> train_unet (2 CPU workers, ZeRO-2) -> sample_eval on
 held-out and seen prompts. Prints where everything went and writes <out_dir>/summary.json (stage reports,
 final loss, accuracy, the exported model directory, the sample grid). Stops what it started.
+Exit status: 0 done, 1 a stage failed (the log names it and its log file), 2 bad config.
 
 examples:
   python jobs/demo.py

@@ -3,7 +3,8 @@
 Builds the dataset (pipelines/synthetic/shapes.py), writes it to --out (files/, routes.json, items.parquet),
 serves it on 127.0.0.1 at a free port (or --port), and writes --out/url_list.parquet pointing at
 the server: feed that to jobs/download_data.py with --set allow_private_addresses=true (127.0.0.1 is
-refused by default). Stops on Ctrl-C or SIGTERM.
+refused by default). Stops on Ctrl-C or SIGTERM. Exit status: 0 stopped by a signal, 1 the dataset or the
+URL list could not be written (one line names the file), 2 bad config.
 
 examples:
   python jobs/serve_synthetic.py --out /tmp/synth --set num_good=2000
@@ -38,7 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         log.error("synthetic dataset: %s", err)
         return 2
-    out = write_dataset(dataset, Path(args.out))
+    try:
+        received = _serve(dataset, Path(args.out))
+    except OSError as err:  # the dataset or the URL list could not be written: exit 1, one line, server stopped
+        log.error("serve_synthetic failed: %s: %s", type(err).__name__, err)
+        return 1
+    log.info("stopped by %s", signal.Signals(received).name)
+    return 0
+
+
+def _serve(dataset, out: Path) -> int:
+    """Write the dataset, serve it until a stop signal; returns the signal."""
+    out = write_dataset(dataset, out)
     # Block the stop signals before the server thread starts, so only sigwait below receives them.
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
@@ -46,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         url_list = write_url_list(dataset, server.base_url, out / URL_LIST_FILE)
         log.info("serving %d items at %s; url list: %s (Ctrl-C to stop)", len(dataset.rows), server.base_url,
                  url_list)
-        received = signal.sigwait(stop_signals)
-    log.info("stopped by %s", signal.Signals(received).name)
-    return 0
+        return signal.sigwait(stop_signals)
 
 
 if __name__ == "__main__":

@@ -85,3 +85,12 @@ def ray_local():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_download(ray_local, tmp_path_factory):
+    """The synthetic web downloaded once for the session (tests/synthetic_download.py): test_download.py and
+    test_data_chain.py both read it; a test that changes a download works on a copy."""
+    from tests.synthetic_download import download_once
+
+    return download_once(tmp_path_factory.mktemp("synthetic-download"))

@@ -6,8 +6,10 @@
 - A damaged latest checkpoint (a truncated meta.json) is one line naming the file and the setting that falls
   back; with checkpoint.fallback=previous the run sets it aside and continues from the previous one, and Ray
   Train's run state follows.
-- A checkpoint upload that fails mid-way (the storage refuses a file) leaves the previous checkpoint the
-  run's latest: it verifies and the rerun resumes from it.
+- A checkpoint upload that fails mid-way (the storage refuses a file) fails the job (exit 1, the report says why)
+  and leaves the previous checkpoint the run's latest: it verifies and the rerun resumes from it.
+- A 2-rank checkpoint missing one rank's files (its ZeRO shard, every file its complete.json lists, or its whole
+  folder) is refused before training with one line naming what is missing; the checkpoint is left as it was.
 """
 
 from __future__ import annotations
@@ -164,24 +166,36 @@ def job_args(cfg) -> list[str]:
 
 @pytest.fixture(scope="module")
 def failed_upload(work, ray_local):
-    """A run whose second checkpoint's upload fails mid-way: rank 0's meta.json cannot be written there (a
-    folder holds its name, as a full or read-only disk refuses a file; root ignores chmod)."""
-    from pipelines.train.driver import TrainingError, run_dir, run_training
+    """A run of the job's stage (2 ranks) whose second checkpoint's upload fails mid-way: rank 0's meta.json
+    cannot be written there (a folder holds its name, as a full or read-only disk refuses a file; root ignores
+    chmod). Returns the config, the run's folder, the blocking folder and the exit status."""
+    from pipelines.core.job import run_stage
+    from pipelines.train.driver import STAGE, run_dir
 
     cfg = make_cfg(work, "upload")
     directory = Path(run_dir(cfg))
     blocked = directory / checkpoint.checkpoint_dir_name(4) / checkpoint.META_FILE
     blocked.mkdir(parents=True)
-    with pytest.raises(TrainingError):
-        run_training(cfg)
-    return cfg, directory, blocked
+    return cfg, directory, blocked, run_stage(STAGE, cfg)
+
+
+@pytest.mark.slow
+def test_train_unet_exits_1_when_a_checkpoint_upload_fails(failed_upload):
+    """A failure at run time, not bad input: exit 1 and the report says which run failed, in one line."""
+    from pipelines.train.driver import REPORT_FILE
+
+    cfg, directory, _, status = failed_upload
+    assert status == 1
+    report = json.loads((directory / REPORT_FILE).read_text())
+    assert report["ok"] is False and "\n" not in report["error"]
+    assert f"training run {cfg.run_name} failed" in report["error"], report["error"]
 
 
 @pytest.mark.slow
 def test_a_failed_upload_leaves_the_previous_checkpoint_the_latest_and_resumable(work, failed_upload):
     from pipelines.train.driver import run_training
 
-    cfg, directory, blocked = failed_upload
+    cfg, directory, blocked, _ = failed_upload
     latest = checkpoint.latest_checkpoint(str(directory))
     assert latest == str(directory / checkpoint.checkpoint_dir_name(2))
     assert checkpoint.verify(latest, checkpoint_fingerprint(cfg), thorough=True)["step"] == 2
@@ -203,7 +217,7 @@ def test_a_damaged_latest_checkpoint_is_refused_then_set_aside_on_request(work, 
     from jobs.train_unet import main
     from pipelines.train.driver import run_dir, run_training
 
-    done, _, _ = failed_upload
+    done, _, _, _ = failed_upload
     cfg = make_cfg(work, "upload", storage="runs-copy")
     shutil.copytree(run_dir(done), run_dir(cfg))
     damaged = Path(checkpoint.latest_checkpoint(run_dir(cfg)))
@@ -229,6 +243,50 @@ def test_a_damaged_latest_checkpoint_is_refused_then_set_aside_on_request(work, 
     assert checkpoint.verify(latest, checkpoint_fingerprint(cfg), thorough=True)["step"] == 4
     ours, theirs = _weights(run_dir(cfg)), _weights(run_dir(done))  # both continued step 2's checkpoint
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def _files_and_times(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under root: (size, mtime in ns), to see that a refusal changed nothing."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("missing", ["zero_shard", "every_listed_file", "whole_rank"])
+def test_a_checkpoint_missing_one_ranks_files_is_refused_before_training_and_left_untouched(work, failed_upload,
+                                                                                            caplog, missing):
+    """A copy of the run's step-2 checkpoint (2 ranks, ZeRO-2) given as checkpoint.resume_from, where rank 1 lost
+    its DeepSpeed ZeRO shard; or every file its complete.json lists (the listing names a rank that has no files);
+    or its whole folder (meta.json's world size still says 2). Each is refused by the job before any training
+    (exit 2) with one line naming what is missing, and the checkpoint is left as it was."""
+    from jobs.train_unet import main
+
+    _, directory, _, _ = failed_upload
+    damaged = work / f"missing-{missing}" / checkpoint.checkpoint_dir_name(2)
+    shutil.copytree(directory / checkpoint.checkpoint_dir_name(2), damaged)
+    assert json.loads((damaged / checkpoint.META_FILE).read_text())["world_size"] == 2
+    rank = damaged / checkpoint.rank_dir(1)
+    listed = json.loads((rank / checkpoint.COMPLETE_FILE).read_text())["files"]
+    shard = next(name for name in listed if name.startswith(checkpoint.DEEPSPEED_DIR) and "optim_states" in name)
+    if missing == "zero_shard":
+        (damaged / shard).unlink()
+        named = [shard]
+    elif missing == "every_listed_file":
+        for name in listed:
+            (damaged / name).unlink()
+        named = sorted(listed)
+    else:
+        (damaged / shard).unlink()
+        shutil.rmtree(rank)
+        named = [str(rank / checkpoint.COMPLETE_FILE)]
+    cfg = make_cfg(work, f"missing-{missing}", f"checkpoint.resume_from={damaged}")
+    args = job_args(cfg)
+    before = _files_and_times(damaged)
+    with caplog.at_level(logging.ERROR):
+        assert main(args) == 2
+    line = caplog.records[-1].getMessage()
+    assert len(line.splitlines()) == 1 and all(name in line for name in named), line
+    assert _files_and_times(damaged) == before
+    assert not (Path(cfg.storage_path) / cfg.run_name).exists(), "the refused run wrote a run folder"
 
 
 def _weights(directory: str) -> dict[str, torch.Tensor]:

@@ -2,9 +2,10 @@
 
 Real components only: the loopback HTTP server, img2dataset, a local Ray (`ray_local`), the tiny
 encoders, and the stage configs users run (configs/tiny/*.yaml, with the paths overridden the way
-`--set` does). One module fixture runs every stage once, reruns each (the download after the server
-has stopped, so a rerun that fetched anything would fail), and simulates a precompute run cut short;
-the tests below only read what it recorded.
+`--set` does). The download is the session's (tests/synthetic_download.py: run once, then rerun after the
+server has stopped, so a rerun that fetched anything would fail; test_download.py checks it shard by shard).
+One module fixture runs the other stages once, reruns each, and simulates a precompute run cut short;
+the tests below only read what they recorded.
 
 The good items are exactly the 150 training combinations, once each: render() is deterministic per
 combination, so a repeated combination would be the same image and exact dedup would (rightly)
@@ -29,8 +30,7 @@ from pipelines.core.config import load_config
 from pipelines.core.job import run_stage
 from pipelines.data import schema
 from pipelines.data.download import REPORT_FILE as DOWNLOAD_REPORT
-from pipelines.data.download import STAGE as DOWNLOAD
-from pipelines.data.download import DownloadConfig, failure_reason
+from pipelines.data.download import failure_reason
 from pipelines.data.filter.config import REPORT_FILE as FILTER_REPORT
 from pipelines.data.filter.config import FilterConfig
 from pipelines.data.filter.driver import STAGE as FILTER
@@ -51,26 +51,18 @@ from pipelines.data.loader import (
 from pipelines.data.precompute.config import REPORT_FILE as PRECOMPUTE_REPORT
 from pipelines.data.precompute.config import PrecomputeConfig
 from pipelines.data.precompute.driver import STAGE as PRECOMPUTE
-from pipelines.synthetic.shapes import PLANTED_KINDS, PlantedCounts, SyntheticConfig, build_dataset, training_attributes
-from pipelines.synthetic.web import SyntheticServer, write_url_list
+from pipelines.synthetic.shapes import PLANTED_KINDS
+from tests.synthetic_download import DOWNLOAD_REASON, N_GOOD, PLANTED, file_mtimes
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "tiny"
 
-N_GOOD = len(training_attributes())  # every training combination once: 150
-PLANTED = PlantedCounts(**{**{kind: 1 for kind in PLANTED_KINDS}, "http_404": 2, "duplicate_image": 2})
-# Where each planted kind must be dropped, and under which reason (configs/tiny: download
-# min_image_size=16, any aspect; filter min_side=16, max_aspect=3, max_chars=1000, exact dedup).
-DOWNLOAD_REASON = {"http_404": "http_404", "http_500": "http_500", "html_page": "decode_error",
-                   "truncated_jpeg": "decode_error", "truncated_png": "decode_error", "tiny_image": "too_small"}
+# Where each planted kind the download keeps must be dropped, and under which reason (configs/tiny: filter
+# min_side=16, max_aspect=3, max_chars=1000, exact dedup); the download's are DOWNLOAD_REASON.
 FILTER_REASON = {"extreme_aspect": "aspect_ratio", "empty_caption": "caption_empty",
                  "whitespace_caption": "caption_empty", "long_caption": "caption_too_long",
                  "duplicate_image": "exact_duplicate"}
 WORLD = 2
-
-
-def _mtimes(directory: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in sorted(directory.iterdir()) if p.is_file()}
 
 
 def _counts(report: dict) -> tuple:
@@ -82,17 +74,19 @@ def _read_json(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def chain(ray_local, tmp_path_factory):
-    """Every stage once, then each again; returns what the tests check (paths, reports, mtimes)."""
-    dataset = build_dataset(SyntheticConfig(num_good=N_GOOD, seed=3, planted=PLANTED))
+def chain(synthetic_download, tmp_path_factory):
+    """The session's download, then every other stage once and each again; returns what the tests check (paths,
+    reports, mtimes)."""
+    dataset = synthetic_download.dataset
     good = [r for r in dataset.rows if not r["planted"]]
     # The premise of "every good item arrives": no two good items share an image.
     assert N_GOOD == 150 and len(good) == N_GOOD
     assert len({(r["shape"], r["color"], r["size"], r["position"]) for r in good}) == N_GOOD
 
     root = tmp_path_factory.mktemp("chain")
-    raw, filtered, features = root / "raw", root / "filtered", root / "features"
-    out: dict = {"dataset": dataset, "raw": raw, "filtered": filtered, "features": features, "seconds": {}}
+    raw, filtered, features = synthetic_download.raw, root / "filtered", root / "features"
+    out: dict = {"dataset": dataset, "raw": raw, "filtered": filtered, "features": features,
+                 "seconds": dict(synthetic_download.seconds)}
     seconds = out["seconds"]
 
     def timed(name, fn):
@@ -101,13 +95,7 @@ def chain(ray_local, tmp_path_factory):
         seconds[name] = round(time.perf_counter() - start, 1)
         return result
 
-    dl_cfg = filter_cfg = None
-    with SyntheticServer(dataset.responses) as server:
-        url_list = write_url_list(dataset, server.base_url, root / "urls.parquet")
-        dl_cfg = load_config(DownloadConfig, CONFIGS / "download.yaml",
-                             [f"url_list={url_list}", f"output_dir={raw}", "allow_private_addresses=true"])
-        assert timed("download", lambda: run_stage(DOWNLOAD, dl_cfg)) == 0
-    out["download_report"] = _read_json(raw / DOWNLOAD_REPORT)
+    out["download_report"] = synthetic_download.report
 
     filter_cfg = load_config(FilterConfig, CONFIGS / "filter.yaml", [f"input_dir={raw}", f"output_dir={filtered}"])
     assert timed("filter", lambda: run_stage(FILTER, filter_cfg)) == 0
@@ -119,16 +107,17 @@ def chain(ray_local, tmp_path_factory):
     out["precompute_report"] = _read_json(features / PRECOMPUTE_REPORT)
     out["manifest_bytes"] = (features / schema.MANIFEST_FILE).read_bytes()
 
-    # Reruns: nothing to do. The server is down now, so a download rerun that fetched would fail.
-    out["mtimes"] = {name: _mtimes(d) for name, d in (("raw", raw), ("filtered", filtered), ("features", features))}
-    assert timed("download_rerun", lambda: run_stage(DOWNLOAD, dl_cfg)) == 0
-    out["download_rerun"] = _read_json(raw / DOWNLOAD_REPORT)
+    # Reruns: nothing to do (the download's was done with its server down; raw's files are compared from
+    # before it to after every rerun here).
+    out["mtimes"] = {name: file_mtimes(d) for name, d in (("filtered", filtered), ("features", features))}
+    out["mtimes"]["raw"] = synthetic_download.mtimes
+    out["download_rerun"] = synthetic_download.rerun
     assert timed("filter_rerun", lambda: run_stage(FILTER, filter_cfg)) == 0
     out["filter_rerun"] = _read_json(filtered / FILTER_REPORT)
     assert timed("precompute_rerun", lambda: run_stage(PRECOMPUTE, pre_cfg)) == 0
     out["precompute_rerun"] = _read_json(features / PRECOMPUTE_REPORT)
-    out["mtimes_rerun"] = {name: _mtimes(d) for name, d in (("raw", raw), ("filtered", filtered),
-                                                            ("features", features))}
+    out["mtimes_rerun"] = {name: file_mtimes(d) for name, d in (("raw", raw), ("filtered", filtered),
+                                                                ("features", features))}
     out["manifest_rerun_bytes"] = (features / schema.MANIFEST_FILE).read_bytes()
 
     # A precompute run cut short: one shard never committed, a temporary file left behind. The rerun
@@ -139,10 +128,10 @@ def chain(ray_local, tmp_path_factory):
     (features / victim).unlink()
     stale = features / f".{victim}.tmp-deadbeef0000"
     stale.write_bytes(b"half a parquet file")
-    before = _mtimes(features)
+    before = file_mtimes(features)
     assert timed("precompute_resume", lambda: run_stage(PRECOMPUTE, pre_cfg)) == 0
     out["precompute_resume"] = _read_json(features / PRECOMPUTE_REPORT)
-    out["resume_mtimes"] = (before, _mtimes(features))
+    out["resume_mtimes"] = (before, file_mtimes(features))
     out["stale_left"] = stale.exists()
     print("\nchain stage seconds:", seconds)
     return out

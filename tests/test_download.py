@@ -1,8 +1,9 @@
 """The download stage: real img2dataset over the real loopback server, on a real local Ray.
 
-One download of the synthetic dataset (with every kind of planted item) is shared by the module;
-the tests below check its shards and report, then rerun it (no-op), break one shard (redone) and
-run the job script itself (exit codes)."""
+The session's one download of the synthetic dataset (tests/synthetic_download.py, with every kind of planted
+item; test_data_chain.py starts from it too) is checked here: its shards and report, a rerun (no-op), a broken
+shard (redone), a failing one, another shard plan (refused) and the job script itself (exit codes). A test that
+changes a download works on a copy of the folder, from the dataset served again."""
 
 import collections
 import io
@@ -12,6 +13,7 @@ import re
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,43 +22,39 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipelines.core.job import run_stage
 from pipelines.data.download import (
     REPORT_FILE,
+    STAGE,
     DownloadConfig,
     DownloadError,
     failure_reason,
     plan_shards,
-    report_path,
     run_download,
     shard_files,
 )
-from pipelines.synthetic.shapes import PLANTED_KINDS, PlantedCounts, Response, SyntheticConfig, build_dataset
+from pipelines.synthetic.shapes import Response
 from pipelines.synthetic.web import SyntheticServer, write_url_list
+from tests.snapshots import tree_snapshot
+from tests.synthetic_download import DOWNLOAD_REASON, PLANTED, copy_download
 
 REPO = Path(__file__).resolve().parents[1]
-PLANTED = PlantedCounts(**{**{kind: 1 for kind in PLANTED_KINDS}, "http_404": 2, "truncated_jpeg": 2})
-# How each planted kind must end up after the download stage (min_image_size=16, any aspect ratio).
-EXPECTED_REASON = {"http_404": "http_404", "http_500": "http_500", "html_page": "decode_error",
-                   "truncated_jpeg": "decode_error", "truncated_png": "decode_error", "tiny_image": "too_small"}
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    dataset = build_dataset(SyntheticConfig(num_good=60, seed=11, planted=PLANTED))
-    root = tmp_path_factory.mktemp("download")
+def first_run(synthetic_download):
+    """The session's download: its report as written."""
+    return synthetic_download.report
+
+
+@pytest.fixture(scope="module")
+def served(synthetic_download, tmp_path_factory):
+    """The download's dataset served again (its first server stopped when the download finished) and the
+    download's config with a URL list pointing there: for the tests that download again, into a copy."""
+    dataset = synthetic_download.dataset
     with SyntheticServer(dataset.responses) as server:
-        url_list = write_url_list(dataset, server.base_url, root / "urls.parquet")
-        yield dataset, DownloadConfig(url_list=str(url_list), output_dir=str(root / "raw"), image_size=64,
-                                      min_image_size=16, number_sample_per_shard=20, processes=2, threads=8,
-                                      cpus_per_task=0.5, timeout_s=5, allow_private_addresses=True)
-
-
-@pytest.fixture(scope="module")
-def first_run(served, ray_local):
-    dataset, cfg = served
-    report = run_download(cfg)
-    report.write(report_path(cfg))
-    return report
+        url_list = write_url_list(dataset, server.base_url, tmp_path_factory.mktemp("served") / "urls.parquet")
+        yield dataset, replace(synthetic_download.cfg, url_list=str(url_list))
 
 
 def _samples(output_dir: str, column: str = "item_id") -> dict[str, dict]:
@@ -77,31 +75,31 @@ def _mtimes(output_dir: str) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in Path(output_dir).iterdir() if p.name != REPORT_FILE}
 
 
-def test_every_planted_failure_is_counted_under_its_reason(served, first_run):
-    dataset, _ = served
+def test_every_planted_failure_is_counted_under_its_reason(synthetic_download, first_run):
+    dataset, cfg = synthetic_download.dataset, synthetic_download.cfg
     expected = collections.Counter()
     for row in dataset.rows:
-        if row["planted"] in EXPECTED_REASON:
-            expected[EXPECTED_REASON[row["planted"]]] += 1
-    assert first_run.ok, first_run.error
-    assert first_run.dropped == dict(expected)
-    assert first_run.rows_in == len(dataset.rows)
-    assert first_run.rows_out == len(dataset.rows) - sum(expected.values())
-    details = first_run.to_dict()
-    assert details["shards"]["downloaded"] == ["00000", "00001", "00002", "00003"]
-    assert details["error_messages"]["http_404"] == {"HTTP Error 404: Not Found": 2}
-    assert details["rows_per_second"] > 0
+        if row["planted"] in DOWNLOAD_REASON:
+            expected[DOWNLOAD_REASON[row["planted"]]] += 1
+    assert first_run["ok"], first_run["error"]
+    assert first_run["dropped"] == dict(expected)
+    assert first_run["rows_in"] == len(dataset.rows)
+    assert first_run["rows_out"] == len(dataset.rows) - sum(expected.values())
+    shards = [s.name for s in plan_shards(len(dataset.rows), cfg.number_sample_per_shard)]
+    assert len(shards) > 1 and first_run["shards"]["downloaded"] == shards
+    assert first_run["error_messages"]["http_404"] == {"HTTP Error 404: Not Found": PLANTED.http_404}
+    assert first_run["rows_per_second"] > 0
 
 
-def test_every_good_item_arrives_in_the_shards(served, first_run):
-    dataset, cfg = served
+def test_every_good_item_arrives_in_the_shards(synthetic_download):
+    dataset, cfg = synthetic_download.dataset, synthetic_download.cfg
     samples = _samples(cfg.output_dir)
-    arriving = {r["item_id"]: r for r in dataset.rows if r["planted"] not in EXPECTED_REASON}
+    arriving = {r["item_id"]: r for r in dataset.rows if r["planted"] not in DOWNLOAD_REASON}
     assert set(samples) == set(arriving)
     for item_id, files in samples.items():
         row, meta = arriving[item_id], json.loads(files["json"])
         assert files["txt"].decode() == row["caption"]  # empty, whitespace and long captions untouched
-        assert Image.open(io.BytesIO(files["jpg"])).size == (64, 64)  # center_crop to image_size
+        assert Image.open(io.BytesIO(files["jpg"])).size == (cfg.image_size,) * 2  # center_crop to image_size
         assert meta["status"] == "success" and meta["planted"] == row["planted"]
     wide = [s for i, s in samples.items() if arriving[i]["planted"] == "extreme_aspect"]
     assert json.loads(wide[0]["json"])["original_width"] == 256  # the filter stage can still judge it
@@ -110,19 +108,20 @@ def test_every_good_item_arrives_in_the_shards(served, first_run):
         json.loads(samples[duplicate["duplicate_of"]]["json"])["sha256"]
 
 
-def test_rerun_is_a_no_op(served, first_run):
-    _, cfg = served
+def test_rerun_is_a_no_op(synthetic_download, first_run):
+    """Rerun on the download's own folder and URL list, whose server is down: nothing fetched, nothing written."""
+    cfg = synthetic_download.cfg
     before, samples_before = _mtimes(cfg.output_dir), _samples(cfg.output_dir)
     report = run_download(cfg)
     assert report.ok and report.to_dict()["shards"]["downloaded"] == []
-    assert report.to_dict()["shards"]["skipped_done"] == 4
-    assert (report.rows_out, report.dropped) == (first_run.rows_out, first_run.dropped)
+    assert report.to_dict()["shards"]["skipped_done"] == len(first_run["shards"]["downloaded"])
+    assert (report.rows_out, report.dropped) == (first_run["rows_out"], first_run["dropped"])
     assert _mtimes(cfg.output_dir) == before and _samples(cfg.output_dir).keys() == samples_before.keys()
 
 
-def test_a_shard_without_stats_is_redone_and_only_that_one(served, first_run):
-    _, cfg = served
-    shard = plan_shards(first_run.rows_in, cfg.number_sample_per_shard)[1]
+def test_a_shard_without_stats_is_redone_and_only_that_one(synthetic_download, served, first_run, tmp_path):
+    cfg = copy_download(synthetic_download, tmp_path, url_list=served[1].url_list)
+    shard = plan_shards(first_run["rows_in"], cfg.number_sample_per_shard)[1]
     files = shard_files(cfg.output_dir, shard)
     keys_before = set(_samples(cfg.output_dir))
     os.remove(files["stats"])  # as after a crash: a half-written tar and no stats
@@ -132,45 +131,60 @@ def test_a_shard_without_stats_is_redone_and_only_that_one(served, first_run):
     report = run_download(cfg)
     assert report.ok and report.to_dict()["shards"]["downloaded"] == [shard.name]
     assert {k: v for k, v in _mtimes(cfg.output_dir).items() if not k.startswith(shard.name)} == others
-    assert set(_samples(cfg.output_dir)) == keys_before and report.rows_out == first_run.rows_out
+    assert set(_samples(cfg.output_dir)) == keys_before and report.rows_out == first_run["rows_out"]
 
 
-def test_a_folder_of_another_shard_plan_is_refused(served, first_run):
-    _, cfg = served
-    with pytest.raises(DownloadError, match="another URL list or number_sample_per_shard"):
-        run_download(DownloadConfig(**{**cfg.__dict__, "number_sample_per_shard": 30}))
+def test_a_folder_of_another_shard_plan_is_refused_and_left_as_it_was(synthetic_download, caplog):
+    """Exit 2 naming the problem, and not a file of the folder (its report included) changed."""
+    cfg = synthetic_download.cfg
+    before = tree_snapshot(cfg.output_dir)
+    assert run_stage(STAGE, replace(cfg, number_sample_per_shard=cfg.number_sample_per_shard + 10)) == 2
+    assert "another URL list or number_sample_per_shard" in caplog.text
+    assert tree_snapshot(cfg.output_dir) == before
 
 
-def test_a_shard_that_keeps_failing_fails_the_stage_and_the_rest_is_kept(served, first_run, tmp_path):
-    _, cfg = served
-    blocked = Path(tmp_path, "raw", "00001.tar")
-    blocked.mkdir(parents=True)  # a directory where the shard's tar must go: every attempt fails
-    report = run_download(DownloadConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "raw"),
-                                            "shard_retries": 1}))
-    assert not report.ok and "1 shard(s) failed after 2 attempts (shard 00001" in report.error
-    assert report.to_dict()["shards"]["downloaded"] == ["00000", "00002", "00003"]
-    assert report.dropped["shard_failed"] == 20
+def test_a_shard_that_keeps_failing_fails_the_stage_and_the_rest_is_kept(synthetic_download, served, first_run,
+                                                                        tmp_path):
+    """Shards 1 and 2 to do, and shard 1 cannot be written: shard 2 is still downloaded, the finished ones
+    are kept as they were, and the stage fails naming shard 1."""
+    cfg = copy_download(synthetic_download, tmp_path, url_list=served[1].url_list, shard_retries=1)
+    shards = plan_shards(first_run["rows_in"], cfg.number_sample_per_shard)
+    for shard in shards[1:3]:
+        for path in shard_files(cfg.output_dir, shard).values():
+            os.remove(path)
+    Path(shard_files(cfg.output_dir, shards[1])["tar"]).mkdir()  # a directory where the tar must go
+    finished = {k: v for k, v in _mtimes(cfg.output_dir).items() if not k.startswith((shards[1].name,
+                                                                                      shards[2].name))}
+    report = run_download(cfg)
+    assert not report.ok and f"1 shard(s) failed after 2 attempts (shard {shards[1].name}" in report.error
+    assert report.to_dict()["shards"]["downloaded"] == [shards[2].name]
+    assert report.dropped["shard_failed"] == shards[1].rows
+    assert {k: v for k, v in _mtimes(cfg.output_dir).items() if k in finished} == finished
 
 
-def _job(*overrides: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def _job(*overrides: str, ray_address: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": ray_address}  # joins the session's Ray, as under `ray job submit`
     return subprocess.run([sys.executable, "jobs/download_data.py", *(a for o in overrides for a in ("--set", o))],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_job_exits_non_zero_with_a_clear_message(served, first_run):
-    _, cfg = served
-    common = (f"url_list={cfg.url_list}", f"output_dir={cfg.output_dir}", "number_sample_per_shard=20",
-              "allow_private_addresses=true")
+def test_job_exits_non_zero_with_a_clear_message(synthetic_download, ray_local, tmp_path):
+    cfg = copy_download(synthetic_download, tmp_path)
+    address = ray_local.get_runtime_context().gcs_address
+    common = (f"url_list={cfg.url_list}", f"output_dir={cfg.output_dir}",
+              f"number_sample_per_shard={cfg.number_sample_per_shard}", "allow_private_addresses=true")
     # Every shard is done, so this only judges the success rate.
-    strict = _job(*common, "min_success_rate=0.99")
+    strict = _job(*common, "min_success_rate=0.99", ray_address=address)
     assert strict.returncode == 1
-    assert "under min_success_rate 99.0%" in strict.stderr and "http_404=2" in strict.stderr
+    assert "under min_success_rate 99.0%" in strict.stderr
+    assert f"http_404={PLANTED.http_404}" in strict.stderr
     report = json.loads(Path(cfg.output_dir, REPORT_FILE).read_text())
     assert report["ok"] is False and "under min_success_rate" in report["error"]
-    missing = _job(f"url_list={cfg.url_list}.missing", f"output_dir={cfg.output_dir}")
+    before = tree_snapshot(cfg.output_dir)
+    missing = _job(f"url_list={cfg.url_list}.missing", f"output_dir={cfg.output_dir}", ray_address=address)
     assert missing.returncode == 2 and "not found" in missing.stderr
-    assert _job("no_such_key=1").returncode == 2
+    assert _job("no_such_key=1", f"output_dir={tmp_path / 'new'}", ray_address=address).returncode == 2
+    assert tree_snapshot(cfg.output_dir) == before and not (tmp_path / "new").exists()  # refused: nothing written
 
 
 @pytest.mark.parametrize("message, reason", [
@@ -287,3 +301,4 @@ def test_a_url_list_that_is_not_utf8_is_bad_input_naming_the_file(tmp_path, name
     (tmp_path / name).write_bytes(content)
     with pytest.raises(DownloadError, match=f"url_list {re.escape(str(tmp_path / name))}.*UTF"):
         run_download(DownloadConfig(url_list=str(tmp_path / name), output_dir=str(tmp_path / "raw")))
+    assert not (tmp_path / "raw").exists()  # refused before the output folder is made

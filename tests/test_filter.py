@@ -34,6 +34,7 @@ from pipelines.data.filter.dedup import NearDuplicateIndex, decide
 from pipelines.data.filter.driver import STAGE, run_filter
 from pipelines.data.filter.rows import caption_check, color_thumb, decode_or_none, dhash, size_check
 from pipelines.data.filter.scan import ClipScorer, scan_shards
+from tests.snapshots import tree_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -323,8 +324,10 @@ def test_job_exit_codes_and_report(raw, tmp_path, ray_local):
                               text=True, timeout=240)
 
     assert run("--help").returncode == 0
-    bad = run("--set", "clip.enabled=true", "--set", f"input_dir={raw_dir}")
+    raw_before = tree_snapshot(raw_dir)
+    bad = run("--set", "clip.enabled=true", "--set", f"input_dir={raw_dir}", "--set", f"output_dir={tmp_path / 'no'}")
     assert bad.returncode == 2 and "clip.weights" in bad.stderr
+    assert list(tmp_path.iterdir()) == [] and tree_snapshot(raw_dir) == raw_before  # refused before any write
     out = tmp_path / "out"
     proc = run("--set", f"input_dir={raw_dir}", "--set", f"output_dir={out}",
                "--set", "caption.min_chars=900", "--set", "compute.num_cpus=0.25")
@@ -379,18 +382,27 @@ def test_clip_filter_is_wired(tmp_path, clip_weights, ray_local):
 
 
 def test_filter_refuses_a_download_folder_that_did_not_finish(tmp_path, caplog):
-    """The download's report is its verdict: a failed or missing one is refused with one line, before Ray."""
-    raw_dir = tmp_path / "raw"
+    """The download's report is its verdict: a failed or missing one is refused with one line, before Ray,
+    and the refusal changes nothing: no output folder made, the download folder and an older output as they were."""
+    raw_dir, out = tmp_path / "raw", tmp_path / "out"
     raw_dir.mkdir()
     write_shard(raw_dir, 0, [good(f"00000000{i}", i) for i in range(2)])
-    cfg = config(raw_dir, tmp_path / "out")
+    cfg = config(raw_dir, out)
+    raw_before = tree_snapshot(raw_dir)
     assert run_stage(STAGE, cfg) == 2
     assert f"{raw_dir / DOWNLOAD_REPORT} not found" in caplog.text and "jobs/download_data.py" in caplog.text
+    assert not out.exists() and tree_snapshot(raw_dir) == raw_before
     write_download_report(raw_dir, ok=False)
+    # an earlier run's output (its shard and report) in the output folder: a refused rerun must not touch it
+    out.mkdir()
+    write_shard(out, 0, [good("000000000", 0)])
+    (out / REPORT_FILE).write_text(json.dumps({"stage": "filter", "ok": True}))
+    raw_before, out_before = tree_snapshot(raw_dir), tree_snapshot(out)
     job = subprocess.run([sys.executable, str(REPO / "jobs" / "filter_data.py"), "--set", f"input_dir={raw_dir}",
-                          "--set", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True, text=True,
+                          "--set", f"output_dir={out}"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=240)
     lines = job.stderr.strip().splitlines()
     assert job.returncode == 2 and len(lines) == 1, job.stderr[-3000:]
     assert "download_report.json says the download failed" in lines[0] and "success rate" in lines[0]
-    assert not (tmp_path / "out").exists()
+    assert tree_snapshot(raw_dir) == raw_before and tree_snapshot(out) == out_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]  # nothing in the job's working directory

@@ -37,8 +37,63 @@ def _job(name: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+def _jobs() -> list[str]:
+    return sorted(p.stem for p in (REPO / "jobs").glob("*.py") if p.stem != "__init__")
+
+
 def test_every_job_is_listed():
-    assert sorted(BAD_VALUE) == sorted(p.stem for p in (REPO / "jobs").glob("*.py") if p.stem != "__init__")
+    assert sorted(BAD_VALUE) == _jobs()
+
+
+EXIT_TABLE = REPO / "docs" / "hostile_inputs.md"
+EXIT_SECTION = "## Exit status of every job"
+EXIT_STATUSES = ["0", "1", "2"]
+
+
+def exit_status_table() -> dict[str, dict[str, str]]:
+    """docs/hostile_inputs.md's exit-status table: job -> {status: "file::test[case]"} (a cell's words after the
+    test name say how)."""
+    section = EXIT_TABLE.read_text().split(EXIT_SECTION, 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("|")]
+    header, _, *body = rows
+    assert header == ["Job", *EXIT_STATUSES], header
+    return {row[0]: {status: cell.split()[0] for status, cell in zip(EXIT_STATUSES, row[1:]) if cell}
+            for row in body}
+
+
+def _names_a_real_test(cell: str) -> bool:
+    """file::test or file::test[case]: the module imports, the function exists, and a case is one of its
+    parametrize values."""
+    import importlib
+
+    module, _, test = cell.partition("::")
+    name, _, case = test.partition("[")
+    function = getattr(importlib.import_module(f"tests.{module}"), name, None)
+    if not callable(function) or not name.startswith("test_"):
+        return False
+    cases = {str(value) for mark in getattr(function, "pytestmark", []) if mark.name == "parametrize"
+             for value in mark.args[1]}
+    return not case or case.rstrip("]") in cases
+
+
+def test_the_exit_status_table_names_every_job_and_status_and_real_tests():
+    table = exit_status_table()
+    assert sorted(table) == _jobs(), "every job of jobs/ has a row, and only those"
+    missing = [(job, status) for job in table for status in EXIT_STATUSES if status not in table[job]]
+    assert not missing, f"no test named for {missing}"
+    unknown = [cell for cells in table.values() for cell in cells.values() if not _names_a_real_test(cell)]
+    assert not unknown, f"{EXIT_TABLE.name} names tests that do not exist: {unknown}"
+
+
+def test_every_test_named_in_the_hostile_inputs_table_exists():
+    """docs/hostile_inputs.md names a test for each bad input and fault: a renamed or deleted test must not leave
+    a row that points at nothing."""
+    import re
+
+    named = set(re.findall(r"\b(test_\w+::test_\w+(?:\[[^\]|]+\])?)", EXIT_TABLE.read_text()))
+    assert named
+    assert not sorted(cell for cell in named if not _names_a_real_test(cell))
 
 
 @pytest.mark.parametrize("name", sorted(BAD_VALUE))
@@ -185,3 +240,95 @@ def test_train_unet_refuses_features_whose_precompute_failed(tmp_path):
     run = _job("train_unet", ["--config", str(REPO / "configs/tiny-cpu.yaml"), "--set", f"features_dir={features}"],
                tmp_path)
     _refused(run, f"{features / REPORT_FILE} says the precompute failed (RuntimeError: the disk is full)")
+
+
+# ------------------------------------------------------------------- exit status 1: the stage failed at run time
+# Each job's failure that no check before the run can see: exit 1 (never 2), the report written with ok false and
+# the reason in one line. The table of every job x exit status is docs/hostile_inputs.md's "Exit status of every
+# job" (test_the_exit_status_table_names_every_job_and_status_and_real_tests keeps it true).
+
+
+def _failed_report(path: Path, *named: str) -> dict:
+    report = json.loads(path.read_text())
+    assert report["ok"] is False and "\n" not in report["error"], report
+    assert all(n in report["error"] for n in named), report["error"]
+    return report
+
+
+def test_sample_eval_exits_1_when_the_mlflow_server_of_its_model_is_down(tmp_path):
+    """A runs:/ model on a tracking server that does not answer: not bad input (the run may well exist), a failure.
+    With the job's own mlflow.http_retries / http_timeout_s (defaults: 1 retry, 10 s) it ends in seconds; MLflow's
+    own default (7 retries with backoff) took 4.5 minutes, past _job's timeout."""
+    from pipelines.eval.driver import REPORT_FILE
+
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    down = "http://127.0.0.1:9"  # the discard port: nothing listens there
+    run = _job("sample_eval", ["--model", "runs:/0123456789abcdef/model", "--prompts", "prompts.txt", "--out", "eval",
+                               "--set", f"mlflow.tracking_uri={down}"], tmp_path)
+    assert run.returncode == 1, run.stderr[-3000:]
+    _failed_report(tmp_path / "eval" / REPORT_FILE, down, "Connection refused")
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [REPORT_FILE], "nothing but the report"
+
+
+def test_serve_synthetic_exits_1_with_one_line_when_its_url_list_cannot_be_written(tmp_path):
+    """The URL list is written once the server listens; a folder where the file must go (as a full or read-only
+    disk refuses it; root ignores chmod) ends the job: exit 1, one line naming the file, the server stopped
+    (the job returns instead of serving forever)."""
+    from jobs.serve_synthetic import URL_LIST_FILE
+
+    (tmp_path / "synth" / URL_LIST_FILE).mkdir(parents=True)
+    run = _job("serve_synthetic", ["--out", "synth", "--set", "num_good=5"], tmp_path)
+    errors = [line for line in run.stderr.splitlines() if " ERROR " in line]
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and len(errors) == 1 and URL_LIST_FILE in errors[0], run.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_train_vae_exits_1_when_no_image_of_its_shards_decodes(ray_local, tmp_path):
+    """Shards that hold .jpg entries no decoder reads (damaged after the filter finished): the check before Ray
+    lists the shards but reads no image, so it is the workers that find it. Exit 1 with the workers' reason in
+    the report, no export."""
+    import webdataset as wds
+
+    from pipelines.vae.driver import STAGE, report_path
+    from tests.test_train_vae import make_config
+
+    shards = tmp_path / "filtered"
+    shards.mkdir()
+    for s in range(2):
+        with wds.TarWriter(str(shards / f"{s:05d}.tar")) as sink:
+            for i in range(4):
+                sink.write({"__key__": f"{s:04d}{i:04d}", "jpg": b"\xff\xd8 not a JPEG any more", "txt": "a circle"})
+    cfg = make_config(shards, tmp_path, {"scaling": {"num_workers": 1}})  # one worker: fewer to start and stop
+    assert run_stage(STAGE, cfg) == 1
+    _failed_report(Path(report_path(cfg)), "VAE training failed", "no decodable image", str(shards))
+    assert sorted(p.name for p in Path(cfg.output_dir).iterdir()) == [Path(report_path(cfg)).name], "no export"
+
+
+@pytest.mark.slow
+def test_demo_exits_1_naming_the_stage_that_failed_and_stops_what_it_started(tmp_path):
+    """The demo's synthetic server cannot write its dataset (a file stands where its files/ folder goes): the
+    server exits 1, the demo says so in its log and exits 1, writes no summary, and leaves no Ray head or server
+    process behind."""
+    import time
+
+    import psutil
+
+    from pipelines.core.local_ray import FOREIGN_RAY_VARS, LOOPBACK_ONLY, uses_path
+    from pipelines.demo import SUMMARY_FILE
+
+    out = tmp_path / "demo"
+    (out / "synth").mkdir(parents=True)
+    (out / "synth" / "files").write_text("in the way")
+    started = time.time()
+    env = {k: v for k, v in os.environ.items() if k not in (*FOREIGN_RAY_VARS, *LOOPBACK_ONLY)}
+    run = subprocess.run([sys.executable, str(REPO / "jobs" / "demo.py"), "--set", f"out_dir={out}",
+                          "--set", "num_good=5"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**env, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 1, (run.stdout + run.stderr)[-3000:]
+    assert "the synthetic image server did not start" in run.stderr, run.stderr[-3000:]
+    assert "serve_synthetic failed" in (out / "logs" / "serve_synthetic.log").read_text()
+    assert not (out / SUMMARY_FILE).exists()
+    leftovers = [p.pid for p in psutil.process_iter(["create_time"])
+                 if (p.info["create_time"] or 0) >= started and uses_path(p, str(tmp_path))]
+    assert leftovers == []

@@ -279,10 +279,14 @@ def tiny_clip_file(tmp_path_factory):
     return path
 
 
-def test_clip_score_of_a_tiny_random_model_is_in_range_deterministic_and_paired(tiny_clip_file):
+def _clip_pairs() -> tuple[np.ndarray, list[str]]:
+    """12 rendered images (12, 64, 64, 3) and their captions."""
     attrs = all_attributes()[::15]
-    images = np.stack([np.asarray(render(a)) for a in attrs])  # (12, 64, 64, 3)
-    prompts = [caption_for(a) for a in attrs]
+    return np.stack([np.asarray(render(a)) for a in attrs]), [caption_for(a) for a in attrs]
+
+
+def test_clip_score_of_a_tiny_random_model_is_in_range_deterministic_and_paired(tiny_clip_file):
+    images, prompts = _clip_pairs()
     result = clip_score(images, prompts, "tiny", tiny_clip_file)
     assert result.computed and 0.0 <= result.value <= 100.0
     assert clip_score(images, prompts, "tiny", tiny_clip_file) == result
@@ -295,6 +299,37 @@ def test_clip_score_of_a_tiny_random_model_is_in_range_deterministic_and_paired(
     order = np.arange(12)[::-1]  # each score belongs to its (image, prompt) pair
     assert np.allclose(clip_scores(clip, images[order], [prompts[i] for i in order]), scores[order], atol=1e-4)
     assert not np.allclose(clip_scores(clip, images, prompts[::-1]), scores, atol=1e-4)
+
+
+# Per-pair agreement on the 0..100 scale: the embeddings are float32 (~6e-8 relative rounding per value),
+# so cosines computed from them in either order agree to ~1e-6; times 100.
+CLIP_SCORE_TOL = 1e-4
+
+
+def test_clip_score_equals_open_clips_own_cosine_per_pair(tiny_clip_file):
+    """The reference takes nothing from metrics.py: open_clip's own loader (strict, weights required), its
+    eval preprocessing and tokenizer, raw embeddings normalised here in float64, and the CLIP score as
+    torchmetrics' docs define it (Hessel et al. 2021 with w = 100): 100 * max(cos, 0) for each pair
+    (torchmetrics' code clamps the batch mean instead: the same whenever no cosine is negative)."""
+    import open_clip
+
+    from model.encoders import _open_clip_name  # registers the "tiny" config with open_clip
+
+    images, prompts = _clip_pairs()
+    name = _open_clip_name("tiny")
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(tiny_clip_file),
+                                                                 require_pretrained=True)
+    with torch.no_grad():
+        image_emb = model.eval().encode_image(torch.stack([preprocess(Image.fromarray(a)) for a in images]))
+        text_emb = model.encode_text(open_clip.get_tokenizer(name)(prompts))
+    unit = [e.double() / e.double().norm(dim=-1, keepdim=True) for e in (image_emb, text_emb)]  # (12, D) each
+    cos = (unit[0] * unit[1]).sum(dim=-1)  # (12,)
+    assert bool((cos > 0).any()) and bool((cos < 0).any())  # both sides of the clamp are exercised
+    expected = (100.0 * cos.clamp(min=0)).numpy()  # (12,)
+
+    scores = clip_scores(load_clip("tiny", tiny_clip_file), images, prompts)  # clip_score's mean: tested above
+    assert scores.shape == expected.shape
+    assert np.abs(scores - expected).max() <= CLIP_SCORE_TOL, np.abs(scores - expected).max()
 
 
 def test_clip_loads_the_weights_file_rather_than_a_fresh_init(tiny_clip_file):

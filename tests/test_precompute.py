@@ -30,7 +30,6 @@ from pipelines.data.filter.config import REPORT_FILE as FILTER_REPORT
 from pipelines.data.precompute.config import PrecomputeConfig, report_path
 from pipelines.data.precompute.driver import STAGE, run_precompute
 from pipelines.data.precompute.encode import EncoderActor, non_finite_reasons
-from pipelines.data.precompute.output import FeatureMismatchError
 from pipelines.data.precompute.rows import (
     DECODE_ERROR,
     DROP_REASON,
@@ -42,6 +41,7 @@ from pipelines.data.precompute.rows import (
     read_and_decode,
     vae_input,
 )
+from tests.snapshots import tree_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "precompute_latents.py"
@@ -220,12 +220,15 @@ def test_rerun_is_a_noop(clean_run, shards):
 
 @pytest.mark.parametrize("change, field", [({"vae": {"seed": 1}}, "vae_id"),
                                            ({"text": {"layer": "last"}}, "text_encoder_id")])
-def test_encoder_mismatch_on_rerun_is_an_error(clean_run, shards, change, field):
+def test_encoder_mismatch_on_rerun_is_an_error(clean_run, shards, change, field, caplog):
+    """Refused as the job runs it (exit 2, FeatureMismatchError's line naming the field), and nothing changed:
+    not a feature shard, the manifest, the report nor the folder itself; the input neither."""
     out = clean_run[0]
-    before = _mtimes(out)
-    with pytest.raises(FeatureMismatchError, match=field):
-        run_precompute(make_config(shards[0], out, **change))
-    assert _mtimes(out) == before
+    before, inputs_before = tree_snapshot(out), tree_snapshot(shards[0])
+    assert run_stage(STAGE, make_config(shards[0], out, **change)) == 2
+    assert f"bad config or input: output_dir {out} already holds features that do not match" in caplog.text
+    assert field in caplog.text
+    assert tree_snapshot(out) == before and tree_snapshot(shards[0]) == inputs_before
 
 
 def _run_job(out: Path, input_dir: Path, log_file: Path, address: str) -> subprocess.Popen:
@@ -332,20 +335,26 @@ def test_job_help_and_config_errors():
     assert bad.returncode == 2 and "compute.dtype" in bad.stderr
 
 
-def test_precompute_refuses_a_filter_folder_that_did_not_finish(tmp_path, caplog):
-    """The filter's report is its verdict: a failed or missing one is refused with one line, before Ray."""
-    input_dir = tmp_path / "filtered"
+def test_precompute_refuses_a_filter_folder_that_did_not_finish(clean_run, shards, tmp_path, caplog):
+    """The filter's report is its verdict: a failed or missing one is refused with one line, before Ray, and the
+    refusal changes nothing: no output folder made, the filter folder as it was, and an earlier run's features
+    (as after a filter rerun that failed) untouched, report and manifest included."""
+    input_dir, out = tmp_path / "filtered", tmp_path / "out"
     write_shards(input_dir, shards=1, per_shard=2, empty_last=False)
     (input_dir / FILTER_REPORT).unlink()
-    assert run_stage(STAGE, make_config(input_dir, tmp_path / "out")) == 2
+    inputs_before = tree_snapshot(input_dir)
+    assert run_stage(STAGE, make_config(input_dir, out)) == 2
     assert f"{input_dir / FILTER_REPORT} not found" in caplog.text and "jobs/filter_data.py" in caplog.text
+    assert not out.exists() and tree_snapshot(input_dir) == inputs_before
     write_filter_report(input_dir, ok=False)
+    features = clean_run[0]
+    inputs_before, features_before = tree_snapshot(input_dir), tree_snapshot(features)
     job = subprocess.run([sys.executable, str(JOB), "--set", f"input_dir={input_dir}", "--set",
-                          f"output_dir={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                          f"output_dir={features}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     lines = job.stderr.strip().splitlines()
     assert job.returncode == 2 and len(lines) == 1, job.stderr[-3000:]
     assert "filter_report.json says the filter failed (no rows left after filtering)" in lines[0]
-    assert not (tmp_path / "out").exists()
+    assert tree_snapshot(input_dir) == inputs_before and tree_snapshot(features) == features_before
 
 
 def test_a_truncated_tar_is_skipped_and_its_lost_rows_counted(ray_local, tmp_path):

@@ -1,20 +1,38 @@
-"""jobs/sample_eval.py end to end on a real local Ray with a real MLflow store, and its bad inputs.
+"""jobs/sample_eval.py end to end on a real local Ray with a real MLflow store, its rerun, and its bad inputs.
 
 The model is a tiny export written with the same code the training job uses (pipelines/inference/export.py), with
 untrained weights: this file tests the evaluation machinery; the demo's end-to-end test evaluates a
-trained model."""
+trained model.
+
+A rerun into the same OUT_DIR is a clean redo: every output rewritten, to the same bytes (sampling starts from
+initial_noise(seed)), nothing of the earlier run left in the folder, and one new MLflow run (each evaluation is
+its own record; the earlier run keeps its metrics and artifacts). A refused run writes nothing anywhere."""
 
 import json
+import shutil
+from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.eval.prompts import read_prompts
-from pipelines.inference.export import INDEX_FILE
+from model.unet import WEIGHTS_FILE
+from pipelines.eval.driver import METRICS_FILE, REPORT_FILE, EvalConfig, SamplingSettings, expand_rows
+from pipelines.eval.outputs import GRIDS_DIR, IMAGES_DIR, RESULTS_FILE, write_outputs
+from pipelines.eval.prompts import PromptRow, read_prompts
+from pipelines.inference.draw import png_bytes
+from pipelines.inference.export import INDEX_FILE, UNET_DIR
 from tests.exports import write_untrained_export
+from tests.snapshots import DIR, mlflow_run_ids, tree_snapshot
 
 pytestmark = pytest.mark.slow
+
+PROMPTS = ('{"prompt": "a large red circle in the top left", "seed": 5}\n'
+           '{"prompt": "a small blue triangle in the center"}\n'
+           '{"prompt": "a photo of a cat"}\n')
+SETTINGS = ("--set", "sampling.steps=3", "--set", "sampling.guidance_scales=[1.0, 3.0]",
+            "--set", "compute.batch_size=4")
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +46,32 @@ def run_job(*args: str) -> int:
     return main(list(args))
 
 
-def test_sample_eval_writes_images_results_grids_metrics_and_an_mlflow_run(model_dir, tmp_path, ray_local):
+def mlflow_runs(db: str) -> list:
     from mlflow import MlflowClient
 
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "a large red circle in the top left", "seed": 5}\n'
-                       '{"prompt": "a small blue triangle in the center"}\n'
-                       '{"prompt": "a photo of a cat"}\n')
-    out, db = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code = run_job("--model", str(model_dir), "--prompts", str(prompts), "--out", str(out),
-                   "--set", "sampling.steps=3", "--set", "sampling.guidance_scales=[1.0, 3.0]",
-                   "--set", f"mlflow.tracking_uri={db}", "--set", "compute.batch_size=4")
-    assert code == 0
-    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    client = MlflowClient(db)
+    return client.search_runs([client.get_experiment_by_name("latentforge").experiment_id])
+
+
+@pytest.fixture(scope="module")
+def finished(model_dir, tmp_path_factory, ray_local):
+    """One evaluation run to the end (3 prompts x 2 guidance scales, a real MLflow store): what the tests below
+    check, rerun, and refuse to overwrite. The store's runs are read right after it (a rerun adds one)."""
+    root = tmp_path_factory.mktemp("eval")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text(PROMPTS)
+    out, db = root / "out", f"sqlite:///{root / 'mlflow.db'}"
+    args = ("--model", str(model_dir), "--prompts", str(prompts), "--out", str(out), *SETTINGS,
+            "--set", f"mlflow.tracking_uri={db}")
+    assert run_job(*args) == 0
+    return SimpleNamespace(out=out, db=db, args=args, runs=mlflow_runs(db))
+
+
+def test_sample_eval_writes_images_results_grids_metrics_and_an_mlflow_run(finished):
+    from mlflow import MlflowClient
+
+    out, runs = finished.out, finished.runs
+    results = [json.loads(line) for line in (out / RESULTS_FILE).read_text().splitlines()]
     assert len(results) == 6  # 3 prompts x 2 guidance scales
     assert {r["guidance"] for r in results} == {1.0, 3.0}
     assert {r["seed"] for r in results if r["prompt"].startswith("a large red")} == {5}
@@ -48,43 +79,127 @@ def test_sample_eval_writes_images_results_grids_metrics_and_an_mlflow_run(model
         assert set(r) >= {"prompt", "seed", "guidance", "sampler", "steps", "image", "scores"}
         image = np.asarray(Image.open(out / r["image"]))
         assert image.shape == (64, 64, 3)
-    assert sorted(p.name for p in (out / "grids").iterdir()) == ["guidance_1.png", "guidance_3.png"]
-    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(p.name for p in (out / GRIDS_DIR).iterdir()) == ["guidance_1.png", "guidance_3.png"]
+    metrics = json.loads((out / METRICS_FILE).read_text())
     assert metrics["images"] == 6 and metrics["clip_score"]["computed"] is False
     assert "clip_weights" in metrics["clip_score"]["reason"] and metrics["fid"]["computed"] is False
     assert set(metrics["synthetic_accuracy"]) == {"guidance_1", "guidance_3"}
-    runs = MlflowClient(db).search_runs([MlflowClient(db).get_experiment_by_name("latentforge").experiment_id])
     assert len(runs) == 1 and runs[0].info.run_name == "eval-unit"
-    assert {a.path for a in MlflowClient(db).list_artifacts(runs[0].info.run_id)} >= {"metrics.json", "grids"}
-
-    # same prompts, seeds and batching -> the same pixels (sampling starts from initial_noise(seed));
-    # another batch size changes only float rounding (batched kernels), a level or two at most
-    again = tmp_path / "again"
-    assert run_job("--model", str(model_dir), "--prompts", str(prompts), "--out", str(again), "--set",
-                   "sampling.steps=3", "--set", "sampling.guidance_scales=[1.0, 3.0]", "--set", "mlflow.enabled=false",
-                   "--set", "compute.batch_size=4") == 0
-    for r in results:
-        assert (out / r["image"]).read_bytes() == (again / r["image"]).read_bytes()
+    assert {a.path for a in MlflowClient(finished.db).list_artifacts(runs[0].info.run_id)} >= {METRICS_FILE,
+                                                                                               GRIDS_DIR}
 
 
-def test_bad_inputs_are_clear_errors(model_dir, tmp_path, caplog):
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red circle\n")
-    out = str(tmp_path / "out")
-    assert run_job("--model", str(model_dir), "--prompts", str(prompts), "--out", out,
-                   "--set", "sampling.sampler=heun") == 2
-    assert "unknown sampler 'heun'" in caplog.text
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n  \n")
-    assert run_job("--model", str(model_dir), "--prompts", str(empty), "--out", out) == 2
-    assert "holds no prompt" in caplog.text
-    half = tmp_path / "half"
-    (half / "unet").mkdir(parents=True)
-    assert run_job("--model", str(half), "--prompts", str(prompts), "--out", out) == 2
-    assert f"{INDEX_FILE} is missing" in caplog.text
-    assert run_job("--model", str(tmp_path / "missing"), "--prompts", str(prompts), "--out", out) == 2
-    assert "not found" in caplog.text
-    assert run_job("--model", str(model_dir), "--prompts", str(tmp_path / "nope.txt"), "--out", out) == 2
+def _without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.startswith("timing")}
+
+
+def test_rerunning_a_finished_evaluation_redoes_it_to_the_same_results(finished):
+    """Same folder, same settings: every file rewritten with the same bytes (same prompts, seeds and batching ->
+    the same pixels), no file more or less; metrics.json equal but for its timing; one new MLflow run with the
+    same metrics, the first run as it was."""
+    from mlflow import MlflowClient
+
+    out, client = finished.out, MlflowClient(finished.db)
+    before, metrics_before = tree_snapshot(out), json.loads((out / METRICS_FILE).read_text())
+    assert run_job(*finished.args) == 0
+    after = tree_snapshot(out)
+    assert set(after) == set(before)
+    for path, (_, mtime, digest) in before.items():
+        if digest != DIR:
+            assert after[path][1] > mtime, f"{path} was not rewritten"
+        if digest != DIR and path not in (METRICS_FILE, REPORT_FILE):
+            assert after[path][2] == digest, f"{path} changed"
+    assert _without_timing(json.loads((out / METRICS_FILE).read_text())) == _without_timing(metrics_before)
+
+    first = finished.runs[0]
+    runs = {run.info.run_id: run for run in mlflow_runs(finished.db)}
+    assert len(runs) == 2 and first.info.run_id in runs
+    again = runs[next(run_id for run_id in runs if run_id != first.info.run_id)]
+    assert again.info.run_name == first.info.run_name and again.info.status == "FINISHED"
+    assert _without_timing(again.data.metrics) == _without_timing(first.data.metrics)
+    assert again.data.params == first.data.params
+    kept = runs[first.info.run_id]
+    assert (kept.data.metrics, kept.info.end_time, kept.info.status) == (first.data.metrics, first.info.end_time,
+                                                                         first.info.status)
+    assert {a.path for a in client.list_artifacts(first.info.run_id)} >= {METRICS_FILE, RESULTS_FILE, GRIDS_DIR}
+
+
+def test_a_rerun_with_fewer_images_leaves_none_of_the_earlier_ones(tmp_path):
+    """OUT_DIR after a rerun holds that run's outputs only: a first run with more prompts and guidance scales
+    leaves no image or grid that results.jsonl and metrics.json no longer list (MLflow logs the grids folder)."""
+    cfg = EvalConfig(model="m", prompts="p.txt", out=str(tmp_path),
+                     sampling=SamplingSettings(steps=3, guidance_scales=(1.0, 3.0)))
+    prompts = [PromptRow("a red circle", 0), PromptRow("a blue square", 1), PromptRow("a green triangle", 2)]
+
+    def write(cfg: EvalConfig, prompts: list[PromptRow]) -> dict:
+        rows = expand_rows(prompts, cfg)
+        pngs = {r["index"]: png_bytes(np.full((16, 16, 3), 30 * r["index"], np.uint8)) for r in rows}
+        return write_outputs(cfg, rows, pngs, {"step": 1})
+
+    write(cfg, prompts)
+    assert len(list((tmp_path / IMAGES_DIR).iterdir())) == 6
+    fewer = replace(cfg, sampling=replace(cfg.sampling, guidance_scales=(1.0,)))
+    metrics = write(fewer, prompts[:2])
+    listed = [json.loads(line)["image"] for line in (tmp_path / RESULTS_FILE).read_text().splitlines()]
+    assert sorted(f"{IMAGES_DIR}/{p.name}" for p in (tmp_path / IMAGES_DIR).iterdir()) == sorted(listed)
+    assert len(listed) == 2
+    assert sorted(f"{GRIDS_DIR}/{p.name}" for p in (tmp_path / GRIDS_DIR).iterdir()) == sorted(
+        metrics["grids"].values()) == [f"{GRIDS_DIR}/guidance_1.png"]
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+def _truncated_copy(model_dir, into):
+    model = into / "truncated-model"
+    shutil.copytree(model_dir, model)
+    weights = model / UNET_DIR / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return model
+
+
+# case -> (model, prompts, extra settings, the line that names the problem), paths under the test's tmp_path
+BAD_INPUTS = {
+    "unknown sampler": lambda t, m: (m, t / "p.txt", ["--set", "sampling.sampler=heun"],
+                                     "sampling.sampler: unknown sampler 'heun'"),
+    "empty prompt file": lambda t, m: (m, t / "empty.txt", [], f"prompt file {t / 'empty.txt'} holds no prompt"),
+    "missing prompt file": lambda t, m: (m, t / "nope.txt", [], f"prompt file {t / 'nope.txt'} not found"),
+    "half-written export": lambda t, m: (t / "half", t / "p.txt", [],
+                                         f"{t / 'half'} is not an exported model: {INDEX_FILE} is missing"),
+    "missing model": lambda t, m: (t / "missing", t / "p.txt", [], f"model directory {t / 'missing'} not found"),
+    "truncated weights": lambda t, m: (_truncated_copy(m, t), t / "p.txt", [],
+                                       f"{t / 'truncated-model' / UNET_DIR / WEIGHTS_FILE} is truncated"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_are_clear_errors_that_change_nothing(case, model_dir, tmp_path, caplog):
+    """Exit 2 with a line naming the problem (this call's own log: each case is its own test), and nothing
+    written: no output folder, no MLflow store, the model and prompt files as they were."""
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "half" / "unet").mkdir(parents=True)
+    model, prompts, extra, message = BAD_INPUTS[case](tmp_path, model_dir)
+    out, db = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = tree_snapshot(tmp_path)
+    assert run_job("--model", str(model), "--prompts", str(prompts), "--out", str(out), *extra,
+                   "--set", f"mlflow.tracking_uri={db}") == 2
+    assert any(message in r.getMessage() for r in caplog.records), caplog.text
+    assert tree_snapshot(tmp_path) == before and mlflow_run_ids(db) == set()
+
+
+def test_a_refused_rerun_leaves_the_finished_evaluation_as_it_was(finished, model_dir, tmp_path, caplog):
+    """A finished OUT_DIR and its MLflow store, then a rerun with a bad value or a damaged model: refused, and
+    not a file of the earlier results nor the store's runs changed."""
+    before, runs = tree_snapshot(finished.out), mlflow_run_ids(finished.db)
+    assert run_job(*finished.args, "--set", "sampling.sampler=heun") == 2
+    truncated = _truncated_copy(model_dir, tmp_path)
+    assert run_job(*finished.args, "--model", str(truncated)) == 2
+    assert f"{truncated / UNET_DIR / WEIGHTS_FILE} is truncated" in caplog.text
+    assert tree_snapshot(finished.out) == before and mlflow_run_ids(finished.db) == runs
+
+
+def test_a_negative_seed_in_a_prompt_file_is_an_error(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "seed": -1}\n')
     with pytest.raises(ValueError, match="seeds must be integers"):

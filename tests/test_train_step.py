@@ -41,10 +41,10 @@ def _batch(cfg, seed: int, bad: bool = False) -> dict:
             BATCH_TEXT_STATES: states, BATCH_TEXT_MASK: torch.ones(2, 77, dtype=torch.bool)}
 
 
-def _stepper(engine, cfg, guard: NonFiniteGuard | None = None) -> TrainStep:
+def _stepper(engine, cfg, guard: NonFiniteGuard | None = None, rank: int = 0) -> TrainStep:
     empty = (torch.zeros(77, cfg.context_dim), torch.ones(77, dtype=torch.bool))
     return TrainStep(engine, NoiseSchedule(), ObjectiveConfig(), empty, LRSchedule(base_lr=1e-2, total_steps=10),
-                     guard or NonFiniteGuard(NonFinitePolicy(max_consecutive=3)), seed=0, rank=0,
+                     guard or NonFiniteGuard(NonFinitePolicy(max_consecutive=3)), seed=0, rank=rank,
                      device=torch.device("cpu"), sampler=SAMPLER)
 
 

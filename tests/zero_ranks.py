@@ -1,6 +1,8 @@
 """W real DeepSpeed ZeRO ranks (gloo, CPU, one process each) that train the tiny U-Net a few steps and write a
 training checkpoint (pipelines/train/checkpoint.save, ShardedEMA included), plus the full fp32 masters, Adam
-moments and EMA as the reference a resume on another world size must restore. Run by tests/test_reshard.py:
+moments and EMA as the reference a resume on another world size must restore, and the initial weights (so a
+parameter that never moved can be seen). Same seeds and data on every stage: the stages' masters must agree.
+Run by tests/test_reshard.py:
 
     python tests/zero_ranks.py OUT_DIR WORLD_SIZE ZERO_STAGE
 """
@@ -14,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 STEPS = 3
+LR = 1e-3
 
 
 def rank_main(rank: int, world_size: int, port: int, out: str, stage: int) -> None:
@@ -33,8 +36,9 @@ def rank_main(rank: int, world_size: int, port: int, out: str, stage: int) -> No
     torch.manual_seed(0)
     cfg = PRESETS["tiny"]
     unet = UNet(cfg)
+    initial = {n: p.detach().clone() for n, p in unet.named_parameters()}
     micro = 8 // world_size  # global batch 8 on any world size
-    config = build_deepspeed_config(DeepSpeedSettings(zero_stage=stage, precision="fp32", adamw=AdamWSettings(lr=1e-3)),
+    config = build_deepspeed_config(DeepSpeedSettings(zero_stage=stage, precision="fp32", adamw=AdamWSettings(lr=LR)),
                                     micro_batch_per_gpu=micro, grad_accum_steps=1, world_size=world_size)
     engine, *_ = deepspeed.initialize(model=unet, model_parameters=list(unet.parameters()), config=config)
     ema = ShardedEMA(engine, EMAConfig(start_step=1, max_decay=0.5))  # started: the EMA is not the weights
@@ -53,7 +57,7 @@ def rank_main(rank: int, world_size: int, port: int, out: str, stage: int) -> No
     checkpoint.save(os.path.join(out, "parts", str(rank)), engine, rank, STEPS, state, meta)
     names = [n for n, _ in engine.module.named_parameters()]
     params = dict(engine.module.named_parameters())
-    reference = {"fp32": {n: safe_get_full_fp32_param(params[n]).clone() for n in names},
+    reference = {"initial": initial, "fp32": {n: safe_get_full_fp32_param(params[n]).clone() for n in names},
                  "exp_avg": {n: safe_get_full_optimizer_state(params[n], "exp_avg").clone() for n in names},
                  "exp_avg_sq": {n: safe_get_full_optimizer_state(params[n], "exp_avg_sq").clone() for n in names},
                  "ema": ema.full_state_dict(include_buffers=False), "global_steps": engine.global_steps}

@@ -86,6 +86,14 @@ class MLflowSettings:
         return replace(self, tracking_uri=uri, artifact_location=artifacts)
 
 
+def apply_http_limits(settings: MLflowSettings) -> None:
+    """settings.http_retries / http_timeout_s for this process's MLflow calls (MLflow's own default is 7
+    retries with backoff, minutes before a call to a server that is down fails). MLflow reads these at request
+    time; setdefault keeps a user's explicit choice. Call before the first MLflow request, Tracker or not."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.http_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(settings.http_timeout_s))
+
+
 def is_file_store(tracking_uri: str) -> bool:
     """Whether a tracking URI is a file on the machine that opens it (sqlite:///..., file:..., a plain path),
     as opposed to a server or database every machine reaches at the same address ("databricks" has no scheme
@@ -159,9 +167,7 @@ class Tracker:
         self._client = None
         self._system_run = None
         if settings.enabled:
-            # MLflow reads these at request time; setdefault keeps a user's explicit choice.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.http_retries))
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(settings.http_timeout_s))
+            apply_http_limits(settings)
             if settings.tracking_uri and storage.redact(settings.tracking_uri) != settings.tracking_uri:
                 # MLflow prints each ended run's URL, tracking URI and its credentials included, to stdout.
                 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

@@ -28,7 +28,7 @@ from pipelines.core.compute import ActorPool
 from pipelines.core.config import ConfigError, flatten, from_dict, to_dict
 from pipelines.core.job import Stage
 from pipelines.core.runtime import StageReport
-from pipelines.core.tracking import MLflowSettings, Tracker
+from pipelines.core.tracking import MLflowSettings, Tracker, apply_http_limits
 from pipelines.eval.outputs import GRIDS_DIR, RESULTS_FILE, write_outputs
 from pipelines.eval.prompts import PromptRow, read_prompts
 from pipelines.inference.export import load_index
@@ -112,6 +112,7 @@ def check_inputs(cfg: EvalConfig) -> None:
     an MLflow URI names something that exists and holds artifacts (its files are checked once downloaded)."""
     read_prompts(cfg.prompts, cfg.seed)
     if cfg.model.startswith(MLFLOW_SCHEMES):
+        apply_http_limits(cfg.mlflow)  # a server that is down fails the job in seconds, not minutes of retries
         check_mlflow_model(cfg.model, cfg.mlflow.resolved().tracking_uri)
     else:
         load_index(cfg.model)

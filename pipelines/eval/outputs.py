@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,9 @@ def write_outputs(cfg: Any, rows: list[dict[str, Any]], pngs: dict[int, bytes], 
                                  "scores": scores}))
     storage.write_text(storage.join(cfg.out, RESULTS_FILE), "\n".join(lines) + "\n")
     grids = write_grids(cfg, rows, images)
+    # a rerun into the same OUT_DIR: what an earlier run with more prompts or other guidance scales left goes
+    remove_others(cfg.out, IMAGES_DIR, [json.loads(line)["image"] for line in lines])
+    remove_others(cfg.out, GRIDS_DIR, grids.values())
     return {
         "model": cfg.model, "model_step": index.get("step"), "model_weights": index.get("weights"),
         "prompts_file": cfg.prompts, "images": len(rows), "prompts": len({r["prompt"] for r in rows}),
@@ -62,6 +66,15 @@ def write_outputs(cfg: Any, rows: list[dict[str, Any]], pngs: dict[int, bytes], 
         "clip_score": _clip(cfg, rows, images),
         "fid": _fid(cfg, images),
     }
+
+
+def remove_others(out: str, folder: str, written: Iterable[str]) -> None:
+    """Delete the files of out/folder that this run did not write (`written`: paths relative to out): OUT_DIR then
+    holds this run's outputs only, as results.jsonl and metrics.json list them (MLflow logs the grids folder)."""
+    keep = set(written)
+    for name in storage.list_files(storage.join(out, folder), hidden=True):
+        if f"{folder}/{name}" not in keep:
+            storage.remove(storage.join(out, folder, name))
 
 
 def write_grids(cfg: Any, rows: list[dict[str, Any]], images: list[np.ndarray]) -> dict[str, str]:

@@ -87,8 +87,12 @@ class ImageStream:
         raise RuntimeError(f"no decodable image in any of the {len(self.shards)} shards of {self.input_dir} "
                            f"(dropped: {dict(self.dropped)})")
 
-    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        """(B, 3, S, S) float32 batches, endlessly."""
+    def batches(self, batch_size: int, skip: int = 0) -> Iterator[np.ndarray]:
+        """(B, 3, S, S) float32 batches, endlessly, from batch `skip` on: the batches before it are read and
+        dropped, so a run resumed at step k trains on the batches an uninterrupted run would have (exact resume;
+        it costs decoding the images already seen, cheap next to the VAE steps that used them)."""
         images = self.images()
+        for _ in range(skip * batch_size):
+            next(images)
         while True:
             yield np.stack([next(images) for _ in range(batch_size)])

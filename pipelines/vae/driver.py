@@ -32,8 +32,10 @@ Why these choices:
   resolutions a JPEG decode is cheap next to a VAE step.
 - Resume: rank 0 reports a checkpoint (weights, optimizer, step, config) every checkpoint_every steps
   and at the end; a rerun with the same run_name and storage_path continues from the latest one (and
-  only exports again when it was already complete). It is not bit-exact: the data order after a
-  resume is a fresh seeded shuffle, which a VAE does not care about.
+  only exports again when it was already complete). It is bit-exact: the weights and Adam state come
+  from the checkpoint, the LR from the global step, each step's posterior noise from (seed, rank, step), and
+  each rank's image stream is replayed to where it stopped (the images already seen are decoded again and
+  dropped, cheap next to the steps that used them).
 - Scaling factor: 1 / std of posterior samples on the first `scaling_factor_images` decodable images
   of the sorted shards (as SD measured 0.18215), written into the exported config.json, where
   model/encoders.FrozenVAE reads it. The shift factor stays None (SD 1/2 style); the latent mean is

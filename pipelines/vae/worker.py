@@ -135,6 +135,14 @@ def _save_checkpoint(w: _Worker, vae: "AutoencoderKL", optimizer: Any, state: Tr
 VAE_METRICS = ("loss", "recon", "kl", "color_anchor")  # averaged over each log window
 
 
+def noise_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of one rank's step: its posterior noise depends on (seed, rank, step) only, so a resumed
+    run draws what the uninterrupted one drew, and no two (rank, step) pairs share noise."""
+    from pipelines.data.loader import derived_seed
+
+    return derived_seed(seed, rank, step)
+
+
 def _window_metrics(w: _Worker, window: LogWindow, lr: float, skipped: int) -> dict[str, float]:
     stats = window.flush()  # collective: every rank logs at the same steps
     images = stats.steps * w.cfg.train.batch_size * w.world_size
@@ -155,12 +163,14 @@ def _train_steps(w: _Worker, model: Any, vae: "AutoencoderKL", optimizer: Any, s
     guard.load_state_dict(state.guard)
     cfg = w.cfg
     stream = ImageStream(cfg.input_dir, tar_shard_names(cfg.input_dir), cfg.image_size, w.rank, w.world_size,
-                         seed=t.seed + state.step, shuffle_buffer=t.shuffle_buffer)  # a resume reshuffles
-    batches, started = stream.batches(t.batch_size), time.perf_counter()
+                         seed=t.seed, shuffle_buffer=t.shuffle_buffer)
+    batches = stream.batches(t.batch_size, skip=state.step)  # a resume takes up the data where it stopped
+    started = time.perf_counter()
     window = LogWindow(VAE_METRICS, w.device)
     progress = Progress(t.steps, "steps", done=state.step)
     for step in range(state.step, t.steps):
         lr = schedule.apply(optimizer, step)
+        torch.manual_seed(noise_seed(t.seed, w.rank, step))  # the posterior noise of this step, resumed or not
         loss, rec, kl, anchor = model(torch.from_numpy(next(batches)).to(w.device))
         if guard.check(loss, step):  # same decision on every rank, so DDP's all-reduce lines up
             optimizer.zero_grad(set_to_none=True)
@@ -241,7 +251,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    torch.manual_seed(cfg.train.seed * 100_003 + rank * 1_009 + state.step)  # posterior noise per rank
     grid = None
     if rank == 0:  # the same images in every grid of the run, so the grids show progress
         grid = torch.from_numpy(first_images(cfg.input_dir, tar_shard_names(cfg.input_dir), cfg.image_size,
