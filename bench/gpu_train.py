@@ -458,10 +458,11 @@ def write_job_features(directory: Path, cfg: UNetConfig, side: int, batch: int, 
     import numpy as np
     from safetensors.torch import save_file
 
-    from bench.loader import write_synthetic_features
+    from bench.loader import LATENT_TO_PIXELS, write_synthetic_features
     from pipelines.data import schema
 
-    shapes = schema.FeatureShapes((cfg.in_channels, side, side), (TOKENS, cfg.context_dim))
+    shapes = schema.FeatureShapes((cfg.in_channels, side, side), (TOKENS, cfg.context_dim),
+                                  image_size=side * LATENT_TO_PIXELS)
     write_synthetic_features(directory, shapes, rows=batch * batches, shards=batches)
     rng = np.random.default_rng(7)
     states = torch.from_numpy(rng.standard_normal((TOKENS, cfg.context_dim), dtype=np.float32)).half()

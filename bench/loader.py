@@ -73,9 +73,9 @@ def write_synthetic_features(directory: Path, shapes: schema.FeatureShapes, rows
             rng.integers(2, shapes.text[0] + 1, n))
         pq.write_table(table, directory / schema.shard_name(index), **schema.PARQUET_WRITE_OPTIONS)
         entries.append({"name": schema.shard_name(index), "rows": n})
-    channels, side = shapes.latent[0], shapes.latent[1]
+    channels = shapes.latent[0]
     manifest = schema.Manifest(
-        image_size=side * LATENT_TO_PIXELS, latent_shape=shapes.latent, text_shape=shapes.text,
+        image_size=shapes.image_size, latent_shape=shapes.latent, text_shape=shapes.text,
         vae={"id": "synthetic", "scaling_factor": 0.5, "shift_factor": 0.1, "latent_channels": channels,
              "downsample_factor": LATENT_TO_PIXELS},
         text_encoder={"id": "synthetic", "width": shapes.text[1], "context_length": shapes.text[0],
@@ -141,7 +141,8 @@ def report(result: dict) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = PRESETS[args.preset]
-    shapes = schema.FeatureShapes((cfg.in_channels, cfg.sample_size, cfg.sample_size), (args.tokens, cfg.context_dim))
+    shapes = schema.FeatureShapes((cfg.in_channels, cfg.sample_size, cfg.sample_size), (args.tokens, cfg.context_dim),
+                                  image_size=cfg.sample_size * LATENT_TO_PIXELS)
     loader_cfg = LoaderConfig(batch_size=args.batch, window_shards=args.window_shards, prefetch=not args.no_prefetch)
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         write_synthetic_features(Path(tmp), shapes, args.rows, args.shards)

@@ -25,7 +25,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from bench.loader import write_synthetic_features
+from bench.loader import LATENT_TO_PIXELS, write_synthetic_features
 from model.config import PRESETS
 from pipelines.data import schema
 from pipelines.data.loader import FeatureLoader, LoaderConfig
@@ -120,7 +120,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = PRESETS[args.preset]
-    shapes = schema.FeatureShapes((cfg.in_channels, cfg.sample_size, cfg.sample_size), (args.tokens, cfg.context_dim))
+    shapes = schema.FeatureShapes((cfg.in_channels, cfg.sample_size, cfg.sample_size), (args.tokens, cfg.context_dim),
+                                  image_size=cfg.sample_size * LATENT_TO_PIXELS)
     result: dict[str, Any] = {"preset": args.preset, "rows": args.rows, "shards": args.shards, "batch": args.batch,
                               "window_shards": args.window_shards, "world_sizes": {}}
     with tempfile.TemporaryDirectory(prefix="bench-loader-io-") as tmp:

@@ -1,9 +1,10 @@
 """The whole pipeline on this machine, offline, in one command (what `make demo` runs).
 
 Starts a local Ray head and the synthetic image server, then runs every stage through the same jobs users
-run: download -> filter -> train_vae -> precompute -> train_unet (2 CPU workers, ZeRO-2) -> sample_eval on
-held-out and seen prompts. Prints where everything went and writes <out_dir>/summary.json (stage reports,
-final loss, accuracy, the exported model directory, the sample grid). Stops what it started.
+run: download -> filter -> train_vae -> precompute -> train_unet (2 CPU workers, ZeRO-2) -> export_diffusers
+(the model as a diffusers StableDiffusionPipeline folder) -> sample_eval on held-out and seen prompts. Prints
+where everything went and writes <out_dir>/summary.json (stage reports, final loss, accuracy, the exported model
+directory and its diffusers copy, the sample grid). Stops what it started.
 Exit status: 0 done, 1 a stage failed (the log names it and its log file), 2 bad config.
 
 examples:

@@ -1,7 +1,7 @@
 """Download image-caption pairs from a URL list into WebDataset shards (img2dataset on Ray).
 
-Reads a URL list (parquet/csv/tsv/jsonl with a url and a caption column), downloads, resizes
-(center_crop to image_size) and writes <output_dir>/NNNNN.tar (.jpg .txt .json per sample),
+Reads a URL list (parquet/csv/tsv/jsonl with a url and a caption column), downloads, resizes (short
+side to image_size, aspect kept: resize_mode=keep_ratio) and writes <output_dir>/NNNNN.tar (.jpg .txt .json per sample),
 NNNNN.parquet (every row with its status) and NNNNN_stats.json, then the report
 <output_dir>/download_report.json (rows in/out, failures per reason, rows/s).
 A rerun skips finished shards and redoes unfinished ones (resume after a crash or interruption).

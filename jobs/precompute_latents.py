@@ -1,9 +1,11 @@
 """Precompute features: filtered WebDataset shards -> Parquet feature shards + manifest.json.
 
-Decodes and center-crops every image to image_size, encodes it with the frozen VAE (posterior mean and
-log-variance) and its caption with the text encoder (per-token states and length), on a Ray Data actor
-pool. Finished shards are skipped on a rerun; a rerun with other encoders than the existing output is
-an error. Writes precompute_report.json next to the features; exits 1 when no row survived.
+Decodes every image and crops it to its aspect-ratio bucket (about image_size^2 pixels, the bucket nearest its
+aspect; buckets.max_ratio=1: the square alone), encodes it with the frozen VAE (posterior mean and
+log-variance; with flip=true also of the image flipped left-right) and its caption with the text encoder
+(per-token states and length), on a Ray Data actor pool. Finished shards are skipped on a rerun; a rerun
+with other encoders (or buckets) than the existing output is an error. Writes precompute_report.json next
+to the features; exits 1 when no row survived.
 
 examples:
   python jobs/precompute_latents.py --set input_dir=data/filtered --set output_dir=data/features

@@ -50,6 +50,15 @@ def _file_fingerprint(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()[:12]
 
 
+def diffusers_component(path: str | os.PathLike, name: str) -> Path:
+    """The folder of one component: `path` itself when it holds a config.json, else its `name`/ subfolder when
+    that does (a diffusers pipeline folder: vae/, unet/, text_encoder/)."""
+    root = Path(path).expanduser().resolve()
+    if not (root / "config.json").is_file() and (root / name / "config.json").is_file():
+        return root / name
+    return root
+
+
 def _freeze(module: nn.Module) -> nn.Module:
     module.eval()
     module.requires_grad_(False)
@@ -132,15 +141,15 @@ class FrozenVAE:
         """Load a local diffusers directory (config.json + weights); a full pipeline
         directory with a `vae/` subfolder is accepted too."""
         from diffusers import AutoencoderKL
+        from diffusers.utils import is_accelerate_available
 
-        root = Path(path).expanduser().resolve()
-        if not (root / "config.json").is_file() and (root / "vae" / "config.json").is_file():
-            root = root / "vae"
+        root = diffusers_component(path, "vae")
         if not (root / "config.json").is_file():
             raise FileNotFoundError(
                 f"no diffusers AutoencoderKL at {path}: expected a directory with config.json "
                 f"and weights (as written by AutoencoderKL.save_pretrained)")
-        vae = AutoencoderKL.from_pretrained(root, local_files_only=True)
+        # diffusers' default low_cpu_mem_usage=True needs `accelerate`; without it diffusers falls back and warns
+        vae = AutoencoderKL.from_pretrained(root, local_files_only=True, low_cpu_mem_usage=is_accelerate_available())
         return cls(vae, f"diffusers:{root}:{cls._dir_fingerprint(root)}", device, dtype)
 
     @staticmethod
@@ -419,6 +428,24 @@ class FrozenTextEncoder:
         tokenizer = open_clip.get_tokenizer(_open_clip_name(name))
         return cls(clip, tokenizer, f"open_clip:{name}:{weights_part}", layer, device, dtype)
 
+    @classmethod
+    def from_diffusers(cls, path: str | os.PathLike, layer: str | int = "last", device: DeviceLike = "cpu",
+                       dtype: torch.dtype = torch.float32) -> "FrozenTextEncoder":
+        """The CLIPTextModel of a diffusers pipeline folder (text_encoder/ and tokenizer/), as our tower, with
+        its own CLIPTokenizer (its padding token included). A pipeline conditions on the last layer of its
+        text_encoder (SD 2 ships 23 of ViT-H's 24 blocks for that), so layer "last" gives the states it uses."""
+        root = Path(path).expanduser().resolve()
+        text_dir = diffusers_component(root, "text_encoder")
+        tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else text_dir.parent / "tokenizer"
+        if not (text_dir / "config.json").is_file() or not tokenizer_dir.is_dir():
+            raise FileNotFoundError(f"no diffusers text encoder at {path}: expected a pipeline folder with "
+                                    "text_encoder/ (CLIPTextModel) and tokenizer/ (CLIPTokenizer)")
+        clip = _clip_text_tower(text_dir)
+        tokenizer = _ClipTokenizer(tokenizer_dir)
+        fingerprint = _short_hash("/".join(_file_fingerprint(p) for p in sorted(text_dir.iterdir())
+                                           if p.is_file()).encode())
+        return cls(clip, tokenizer, f"clip_text:{root}:{fingerprint}", layer, device, dtype)
+
     @property
     def id(self) -> str:
         return self.spec.id
@@ -458,11 +485,65 @@ class FrozenTextEncoder:
         return states.float(), mask.to(self.device)
 
 
+def _clip_text_tower(text_dir: Path) -> nn.Module:
+    """open_clip's TextTransformer holding a saved CLIPTextModel's weights (model/convert_text.py)."""
+    from open_clip.transformer import QuickGELU, TextTransformer
+
+    from model.convert_text import TextConversionError, from_clip_text_state, tower_settings
+
+    settings = tower_settings(json.loads((text_dir / "config.json").read_text()))
+    act = QuickGELU if settings.pop("quick_gelu") else nn.GELU
+    if (text_dir / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(text_dir / "model.safetensors")
+    elif (text_dir / "pytorch_model.bin").is_file():
+        state = torch.load(text_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{text_dir}: no model.safetensors or pytorch_model.bin (CLIPTextModel weights)")
+    tower = TextTransformer(**settings, output_dim=settings["width"], act_layer=act)
+    ours = from_clip_text_state(state)
+    wanted = {k for k in tower.state_dict() if k != "text_projection"}  # CLIPTextModel has no projection head
+    if set(ours) != wanted:
+        raise TextConversionError(f"{text_dir}: CLIPTextModel weights do not match its config.json "
+                                  f"(missing {sorted(wanted - set(ours))[:5]}, extra {sorted(set(ours) - wanted)[:5]})")
+    tower.load_state_dict(ours, strict=False)
+    return tower
+
+
+class _ClipTokenizer:
+    """A transformers CLIPTokenizer called like open_clip's: (captions, context_length) -> ids (B, L) long,
+    padded and truncated as a diffusers pipeline does (its own padding token, EOT kept at the end)."""
+
+    def __init__(self, directory: Path) -> None:
+        from transformers import CLIPTokenizer
+
+        self.tokenizer = CLIPTokenizer.from_pretrained(directory, local_files_only=True)
+        self.eot_token_id = self.tokenizer.eos_token_id
+
+    def __call__(self, texts: list[str], context_length: int) -> torch.Tensor:
+        return self.tokenizer(texts, padding="max_length", max_length=context_length, truncation=True,
+                              return_tensors="pt").input_ids
+
+
 def build_text_encoder(name: str = "tiny", weights: str | os.PathLike | None = None,
                        layer: str | int = "penultimate", seed: int = 0,
                        device: DeviceLike = "cpu",
                        dtype: torch.dtype = torch.float32) -> FrozenTextEncoder:
+    """name: "tiny", an open_clip model name, or a diffusers pipeline folder (its text_encoder/ + tokenizer/;
+    weights must then be None)."""
+    if is_diffusers_text_source(name):
+        if weights is not None:
+            raise ValueError(f"text weights {weights!r} given with the diffusers folder {name}, which has its own")
+        return FrozenTextEncoder.from_diffusers(name, layer=layer, device=device, dtype=dtype)
     return FrozenTextEncoder.build(name, weights, layer=layer, seed=seed, device=device, dtype=dtype)
+
+
+def is_diffusers_text_source(name: str | os.PathLike) -> bool:
+    """A text encoder name that is a local diffusers folder: a pipeline (text_encoder/config.json) or its
+    text_encoder/ folder itself (config.json)."""
+    root = Path(name).expanduser()
+    return (root / "text_encoder" / "config.json").is_file() or (root / "config.json").is_file()
 
 
 def spec_dict(spec: VAESpec | TextEncoderSpec) -> dict[str, Any]:

@@ -99,10 +99,11 @@ class Demo:
     # ---- running a job ------------------------------------------------------------------------
 
     def job(self, stage: str, script: str, *args: str) -> None:
-        """Run `python jobs/<script> args...` with its whole output in logs/<stage>.log and the
-        project's own log lines (progress, summaries) echoed here."""
+        """Run `python jobs/<script> args...` (or `python -m <module> args...` for a script "-m <module>") with its
+        whole output in logs/<stage>.log and the project's own log lines (progress, summaries) echoed here."""
         extra = [a for kv in self.cfg.extra.get(stage, []) for a in ("--set", kv)]
-        cmd = [sys.executable, f"jobs/{script}", *args, *extra]
+        entry = script.split() if script.startswith("-m ") else [f"jobs/{script}"]
+        cmd = [sys.executable, *entry, *args, *extra]
         log_path = self.logs / f"{stage}.log"
         print(f"\n[demo] {stage}: {' '.join(cmd[1:])}", flush=True)
         start = time.time()
@@ -191,6 +192,11 @@ class Demo:
                  "--set", f"run_name={RUN_NAME}", *_schedule(c.unet_steps, "max_steps", "lr.warmup_steps"),
                  "--set", f"model.overrides.sample_size={latent_side}",
                  "--set", "mlflow.registered_model=latentforge-demo")
+        # The same model as a diffusers StableDiffusionPipeline folder. The tiny preset masks padding tokens
+        # (text_mask, for the accuracy figures of docs/benchmarks.md), which diffusers cannot: the copy attends to
+        # them, so its images are close to, not equal to, the evaluation's (docs/model.md).
+        self.job("export_diffusers", "-m pipelines.inference.diffusers_export", self.model_dir(), self.diffusers_dir(),
+                 "--drop-text-mask")
         prompts = self.out / "eval_prompts.jsonl"
         prompts.write_text("".join(json.dumps(p) + "\n" for p in eval_prompts(c)))
         self.job("sample_eval", "sample_eval.py", "--model", self.model_dir(), "--prompts", str(prompts),
@@ -201,6 +207,11 @@ class Demo:
         from pipelines.train.worker import EXPORT_DIR
 
         return self.path(f"runs/{RUN_NAME}/{EXPORT_DIR}")
+
+    def diffusers_dir(self) -> str:
+        from pipelines.inference.diffusers_export import DIFFUSERS_EXPORT_DIR
+
+        return self.path(f"runs/{RUN_NAME}/{DIFFUSERS_EXPORT_DIR}")
 
     # ---- the summary --------------------------------------------------------------------------
 
@@ -229,6 +240,7 @@ class Demo:
                          for split in ("seen", "held_out")},
             "final_loss": train.get("final_loss"),
             "model_dir": self.model_dir(),
+            "diffusers_dir": self.diffusers_dir(),  # StableDiffusionPipeline.from_pretrained(diffusers_dir)
             "sample_grid": str(self.out / "eval" / metrics.get("grids", {}).get(key, "")),
             "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000",
             "stage_reports": {
@@ -261,6 +273,7 @@ def print_summary(summary: dict[str, Any], out_dir: str) -> None:
               f"(colour {pct(a['color'])}, shape {pct(a['shape'])}, size {pct(a['size'])}, "
               f"position {pct(a['position'])})")
     print(f"  model:        {summary['model_dir']}")
+    print(f"  diffusers:    {summary['diffusers_dir']}   (StableDiffusionPipeline.from_pretrained)")
     print(f"  sample grid:  {summary['sample_grid']}")
     print(f"  summary:      {Path(out_dir).resolve() / SUMMARY_FILE}")
     print(f"  MLflow UI:    {summary['mlflow_ui']}   (then open http://127.0.0.1:5000)")

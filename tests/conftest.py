@@ -7,7 +7,7 @@ import torch
 from model.config import UNetConfig
 from pipelines.core.local_ray import FOREIGN_RAY_VARS, private_ray_env, write_token
 
-_RAY_ENV = pytest.StashKey[tuple[pytest.MonkeyPatch, str]]()  # what pytest_unconfigure undoes and removes
+_RAY_ENV = pytest.StashKey[tuple[pytest.MonkeyPatch, str, str]]()  # what pytest_unconfigure undoes and removes
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -20,13 +20,18 @@ def pytest_configure(config: pytest.Config) -> None:
         patch.delenv(name, raising=False)
     for name, value in private_ray_env({}, write_token(token_dir)).items():
         patch.setenv(name, value)
-    config.stash[_RAY_ENV] = (patch, token_dir)
+    # Stages run without mlflow.tracking_uri (the data stages log their reports as runs) log into this session's
+    # own store, never into ./mlflow.db of the checkout.
+    store_dir = tempfile.mkdtemp(prefix="latentforge-tests-mlflow-")
+    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store_dir}/mlflow.db")
+    config.stash[_RAY_ENV] = (patch, token_dir, store_dir)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    patch, token_dir = config.stash[_RAY_ENV]
+    patch, token_dir, store_dir = config.stash[_RAY_ENV]
     patch.undo()
     shutil.rmtree(token_dir, ignore_errors=True)
+    shutil.rmtree(store_dir, ignore_errors=True)
 
 
 @pytest.fixture

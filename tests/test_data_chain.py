@@ -350,3 +350,29 @@ def test_features_fit_the_tiny_unet_and_carry_the_empty_caption(chain):
     batch = next(iter(loader))
     assert tuple(batch[BATCH_LATENT_MEAN].shape) == (8, *loader.manifest.latent_shape)
     assert np.isfinite(batch[BATCH_TEXT_STATES].numpy()).all()
+
+
+def test_each_data_stage_run_is_an_mlflow_run_linked_to_the_run_that_made_its_input(chain):
+    """Every run_stage of a data stage is an MLflow run (in this session's store: MLFLOW_TRACKING_URI, set by
+    tests/conftest.py), named in its report, with the report's counts, tagged with its stage and with the run of
+    the stage whose output it read (the download's rerun wrote the report the filter read)."""
+    import os
+
+    from mlflow import MlflowClient
+
+    from pipelines.core.tracking import JOB_TAG, REPORT_RUN_KEY, UPSTREAM_TAG_PREFIX
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    # the order of the runs: download, its rerun, filter, precompute, filter rerun, precompute rerun
+    made_input = {"filter_report": ("download", "download_rerun"), "precompute_report": ("filter", "filter_report"),
+                  "filter_rerun": ("download", "download_rerun"), "precompute_rerun": ("filter", "filter_rerun")}
+    runs = {name: client.get_run(chain[name][REPORT_RUN_KEY]) for name in ("download_rerun", *made_input)}
+    for name, (stage, upstream) in made_input.items():
+        assert runs[name].data.tags[UPSTREAM_TAG_PREFIX + stage] == chain[upstream][REPORT_RUN_KEY], name
+    for name, run in runs.items():
+        report = chain[name]
+        assert run.data.tags[JOB_TAG] == report["stage"] and run.info.status == "FINISHED"
+        assert run.data.metrics["rows_in"] == report["rows_in"] and run.data.metrics["rows_out"] == report["rows_out"]
+        assert {k: v for k, v in run.data.metrics.items() if k.startswith("dropped.")} == {
+            f"dropped.{reason}": count for reason, count in report["dropped"].items()}
+    assert len({run.info.experiment_id for run in runs.values()}) == 1

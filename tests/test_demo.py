@@ -21,6 +21,7 @@ from pipelines.core.local_ray import (
     uses_path,
 )
 from pipelines.demo import DemoConfig, run_demo
+from pipelines.inference.export import INDEX_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -39,10 +40,12 @@ def test_demo_runs_every_stage_and_writes_the_summary(tmp_path, monkeypatch):
     cfg = DemoConfig(out_dir=str(tmp_path / "demo"), num_good=300, planted=1, vae_steps=10, unet_steps=10,
                      seen_prompts=4, images_per_prompt=1, sampler_steps=4)
     summary = run_demo(cfg)
+    from diffusers import StableDiffusionPipeline
+
     on_disk = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert on_disk["ok"] is True and on_disk["model_dir"] == summary["model_dir"]
     assert list(on_disk["stage_seconds"]) == ["download", "filter", "train_vae", "precompute", "train_unet",
-                                              "sample_eval"]
+                                              "export_diffusers", "sample_eval"]
     reports = on_disk["stage_reports"]
     assert reports["download"]["rows_out"] > 250 and reports["download"]["dropped"]["http_404"] == 1
     assert reports["filter"]["dropped"]["exact_duplicate"] == 1  # the planted duplicate, not the jittered items
@@ -51,7 +54,9 @@ def test_demo_runs_every_stage_and_writes_the_summary(tmp_path, monkeypatch):
     assert reports["train_unet"]["steps"] == 10 and on_disk["final_loss"] is not None
     assert on_disk["accuracy"]["held_out"]["count"] == 30 and on_disk["accuracy"]["seen"]["count"] == 4
     assert Path(on_disk["sample_grid"]).is_file()
-    assert (Path(on_disk["model_dir"]) / "model_index.json").is_file()
+    assert (Path(on_disk["model_dir"]) / INDEX_FILE).is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(on_disk["diffusers_dir"], local_files_only=True)
+    assert pipe.vae.config.scaling_factor == reports["train_vae"]["scaling_factor"]
     assert "mlflow ui --backend-store-uri sqlite:///" in on_disk["mlflow_ui"]
     # it stopped what it started: no process of its Ray head or its image server is left (by command line
     # or by open files: Ray's agents rename themselves but keep their logs open in the head's temp dir)

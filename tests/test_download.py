@@ -99,10 +99,13 @@ def test_every_good_item_arrives_in_the_shards(synthetic_download):
     for item_id, files in samples.items():
         row, meta = arriving[item_id], json.loads(files["json"])
         assert files["txt"].decode() == row["caption"]  # empty, whitespace and long captions untouched
-        assert Image.open(io.BytesIO(files["jpg"])).size == (cfg.image_size,) * 2  # center_crop to image_size
+        width, height = Image.open(io.BytesIO(files["jpg"])).size  # keep_ratio: the short side at image_size
+        assert min(width, height) == cfg.image_size
+        assert (width, height) == (cfg.image_size,) * 2 or row["planted"] == "extreme_aspect"
         assert meta["status"] == "success" and meta["planted"] == row["planted"]
     wide = [s for i, s in samples.items() if arriving[i]["planted"] == "extreme_aspect"]
     assert json.loads(wide[0]["json"])["original_width"] == 256  # the filter stage can still judge it
+    assert Image.open(io.BytesIO(wide[0]["jpg"])).size == (512, 32)  # 256x16 keeps its aspect: 16:1
     duplicate = next(r for r in arriving.values() if r["planted"] == "duplicate_image")
     assert json.loads(samples[duplicate["item_id"]]["json"])["sha256"] == \
         json.loads(samples[duplicate["duplicate_of"]]["json"])["sha256"]
@@ -223,8 +226,32 @@ def _exif_rotated_jpeg() -> bytes:
     return buf.getvalue()
 
 
+def _encoded(img: Image.Image, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def _palette_png() -> bytes:
+    """A palette PNG, left half index 0 (green), right half index 1 (magenta)."""
+    img = Image.new("P", (96, 64), 0)
+    img.putpalette([0, 160, 0, 200, 0, 200] + [0] * 762)
+    img.paste(1, (48, 0, 96, 64))
+    return _encoded(img, "PNG")
+
+
+def _animated_gif() -> bytes:
+    """Two frames: red, then blue. The first frame is the image."""
+    frames = [Image.new("RGB", (64, 96), color) for color in ((255, 0, 0), (0, 0, 255))]
+    return _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
 GUARD_PAGES = {
     "/ok.png": Response(200, "image/png", _png(Image.new("RGB", (80, 80), (0, 128, 0)))),
+    "/cmyk.jpg": Response(200, "image/jpeg", _encoded(Image.new("CMYK", (80, 80), (0, 255, 255, 0)), "JPEG",
+                                                      quality=95)),  # red in CMYK
+    "/palette.png": Response(200, "image/png", _palette_png()),
+    "/animated.gif": Response(200, "image/gif", _animated_gif()),
     "/gray16.png": Response(200, "image/png", _png(Image.fromarray(np.full((80, 80), 32896, np.uint16)))),
     "/rotated.jpg": Response(200, "image/jpeg", _exif_rotated_jpeg()),
     "/transparent.png": Response(200, "image/png", _png(Image.new("RGBA", (80, 80), (255, 0, 0, 0)))),
@@ -235,8 +262,8 @@ GUARD_PAGES = {
 # put in front of paths, the download's folder in place of LOCAL (a valid image there: a file: URL that
 # the downloader opened would be stored as a sample).
 GUARD_ROWS = {
-    "/ok.png": "", "/gray16.png": "", "/rotated.jpg": "", "/transparent.png": "",
-    "/huge.png": "too_many_pixels", "/long.bin": "body_too_large",
+    "/ok.png": "", "/gray16.png": "", "/rotated.jpg": "", "/transparent.png": "", "/cmyk.jpg": "",
+    "/palette.png": "", "/animated.gif": "", "/huge.png": "too_many_pixels", "/long.bin": "body_too_large",
     "/to-file": "refused_scheme", "file://LOCAL/local.png": "refused_scheme",
     "data:image/png;base64,iVBORw0KGgo=": "refused_scheme",
 }
@@ -278,11 +305,18 @@ def test_images_are_stored_upright_8_bit_and_on_white(guarded_run):
               for row, files in stored.items()}
     assert np.abs(pixels["/gray16.png"] - 128).max() <= 3  # 32896 / 257 = 128, not white
     assert np.abs(pixels["/transparent.png"] - 255).max() <= 3  # transparent on white
-    rotated = pixels["/rotated.jpg"]  # shown portrait 64x128, center-cropped: top half red, bottom half blue
+    rotated = pixels["/rotated.jpg"]  # shown portrait 64x128 and kept so (keep_ratio): top half red, bottom blue
+    assert rotated.shape == (128, 64, 3)
     assert rotated[8, 32, 0] > 200 and rotated[8, 32, 2] < 60
-    assert rotated[56, 32, 2] > 200 and rotated[56, 32, 0] < 60
+    assert rotated[120, 32, 2] > 200 and rotated[120, 32, 0] < 60
     meta = json.loads(stored["/rotated.jpg"]["json"])
     assert (meta["original_width"], meta["original_height"]) == (64, 128)
+    assert np.abs(pixels["/cmyk.jpg"] - (255, 0, 0)).max() <= 8  # CMYK converted, not inverted or dropped
+    palette = pixels["/palette.png"]  # 96x64 -> 96x64 (short side 64), the two palette colours in place
+    assert palette.shape == (64, 96, 3)
+    assert np.abs(palette[32, 10] - (0, 160, 0)).max() <= 8 and np.abs(palette[32, 86] - (200, 0, 200)).max() <= 8
+    animated = pixels["/animated.gif"]  # the first frame, portrait kept
+    assert animated.shape == (96, 64, 3) and np.abs(animated - (255, 0, 0)).max() <= 8
 
 
 def test_by_default_the_loopback_server_is_refused(guard_server, ray_local, tmp_path):

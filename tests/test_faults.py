@@ -70,7 +70,7 @@ def _poison(directory: Path) -> None:
         table = pq.read_table(shard)
         column = table.column(schema.LATENT_MEAN).combine_chunks()
         values = np.full(len(column.flatten()), np.nan, dtype=schema.FEATURE_DTYPE)
-        poisoned = pa.FixedSizeListArray.from_arrays(pa.array(values), column.type.list_size)
+        poisoned = pa.ListArray.from_arrays(column.offsets, pa.array(values))  # each row's latent, its shape kept
         index = table.schema.get_field_index(schema.LATENT_MEAN)
         pq.write_table(table.set_column(index, table.schema.field(index), poisoned), shard)
 

@@ -1,6 +1,7 @@
 """The feature loader: per-rank partition, deterministic order, exact resume, latent scaling,
 manifest checks; and the loader benchmark's figures (never its timing)."""
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -28,7 +29,7 @@ from pipelines.data.loader import (
     read_manifest,
 )
 
-SHAPES = schema.FeatureShapes(latent=(4, 8, 8), text=(6, 8))
+SHAPES = schema.FeatureShapes(latent=(4, 8, 8), text=(6, 8), image_size=32)
 SCALE, SHIFT = 0.5, 0.25
 
 
@@ -47,7 +48,7 @@ def write_features(directory, shard_rows, logvar=0.0, seed=0, shapes=SHAPES):
         entries.append({"name": schema.shard_name(index), "rows": n})
         rows_by_key.update({k: (mean[i], states[i], length[i]) for i, k in enumerate(keys)})
     manifest = schema.Manifest(
-        image_size=32, latent_shape=shapes.latent, text_shape=shapes.text,
+        image_size=shapes.image_size, latent_shape=shapes.latent, text_shape=shapes.text,
         vae={"id": "test", "scaling_factor": SCALE, "shift_factor": SHIFT, "latent_channels": shapes.latent[0],
              "downsample_factor": 4},
         text_encoder={"id": "test", "width": shapes.text[1], "context_length": shapes.text[0], "layer": -1},
@@ -259,7 +260,7 @@ def test_text_states_and_mask_follow_the_stored_length(tmp_path):
 
 
 def test_manifest_mismatch_names_each_field(tmp_path, micro_cfg):
-    write_features(tmp_path, [2], shapes=schema.FeatureShapes(latent=(4, 8, 8), text=(6, 24)))
+    write_features(tmp_path, [2], shapes=schema.FeatureShapes(latent=(4, 8, 8), text=(6, 24), image_size=32))
     manifest = read_manifest(tmp_path)
     check_manifest_matches(manifest, micro_cfg)  # micro_cfg: 4 channels, 8x8, context 24
     wrong = UNetConfig(**{**micro_cfg.to_dict(), "in_channels": 3, "sample_size": 16, "context_dim": 32})
@@ -270,7 +271,7 @@ def test_manifest_mismatch_names_each_field(tmp_path, micro_cfg):
         assert words in str(err.value)
     odd = tmp_path / "odd"
     odd.mkdir()
-    write_features(odd, [2], shapes=schema.FeatureShapes(latent=(4, 6, 6), text=(6, 24)))
+    write_features(odd, [2], shapes=schema.FeatureShapes(latent=(4, 6, 6), text=(6, 24), image_size=24))
     with pytest.raises(ValueError, match="not divisible by the U-Net's downsample_factor 4"):
         check_manifest_matches(read_manifest(odd), UNetConfig(**{**micro_cfg.to_dict(), "sample_size": 6}))
 
@@ -314,3 +315,151 @@ def test_loader_bench_reports_consistent_figures(tmp_path, capsys):
     assert result["ratio"] == pytest.approx(result["loader_batches_per_s"] * result["unet_step_s"])
     printed = capsys.readouterr().out
     assert "batches/s" in printed and "ms/step" in printed and "ratio" in printed
+
+
+# ---- aspect-ratio buckets ---------------------------------------------------------------------
+
+BUCKETS = ((80, 48), (64, 64), (48, 80))  # make_buckets(64, 16, 2.0): tall, square, wide
+BUCKETED = schema.FeatureShapes(latent=(4, 16, 16), text=(6, 8), image_size=64, buckets=BUCKETS)
+
+
+def write_bucketed(directory, shard_rows, seed=0, flip=False):
+    """Shards whose rows fall in random buckets (written through to_table, which groups them) + manifest;
+    returns {key: (bucket, mean, flipped mean or None)}."""
+    shapes = dataclasses.replace(BUCKETED, flip=flip)
+    rng = np.random.default_rng(seed)
+    rows_by_key, entries = {}, []
+    for index, n in enumerate(shard_rows):
+        keys = [f"s{index}-r{i}" for i in range(n)]
+        buckets = [BUCKETS[i] for i in rng.integers(0, len(BUCKETS), n)]
+        mean = [rng.standard_normal(shapes.latent_of(b)).astype(np.float16) for b in buckets]
+        mirrored = [m[..., ::-1].copy() for m in mean]  # stands for the flipped image's moments
+        logvar = [np.zeros_like(m) for m in mean]
+        table = schema.to_table(shapes, keys, [f"caption of {k}" for k in keys], mean, logvar,
+                                rng.standard_normal((n, *shapes.text)).astype(np.float16), rng.integers(1, 7, n),
+                                buckets=np.array(buckets).reshape(n, 2),
+                                flipped=(mirrored, logvar) if flip else None)
+        pq.write_table(table, directory / schema.shard_name(index), **schema.PARQUET_WRITE_OPTIONS)
+        entries.append({"name": schema.shard_name(index), "rows": n,
+                        "bucket_rows": schema.bucket_counts(table, shapes)})
+        rows_by_key.update({k: (buckets[i], mean[i], mirrored[i] if flip else None) for i, k in enumerate(keys)})
+    manifest = schema.Manifest(
+        image_size=64, latent_shape=shapes.latent, text_shape=shapes.text, buckets=BUCKETS, flip=flip,
+        vae={"id": "test", "scaling_factor": SCALE, "shift_factor": SHIFT, "latent_channels": 4,
+             "downsample_factor": 4},
+        text_encoder={"id": "test", "width": 8, "context_length": 6, "layer": -1}, shards=tuple(entries))
+    (directory / schema.MANIFEST_FILE).write_text(json.dumps(manifest.to_dict()))
+    return rows_by_key
+
+
+def test_shards_group_rows_by_bucket_and_the_manifest_counts_them(tmp_path):
+    write_bucketed(tmp_path, [9, 0, 14])
+    manifest = read_manifest(tmp_path)
+    counts = manifest.shard_bucket_rows()
+    assert counts.shape == (3, 3) and counts.sum() == 23 and counts[1].sum() == 0
+    for shard, count in zip(manifest.shards, counts):
+        table = pq.read_table(tmp_path / shard["name"])
+        heights = table.column(schema.BUCKET_HEIGHT).to_pylist()
+        assert heights == [b[0] for b, n in zip(BUCKETS, count) for _ in range(n)]  # one run per bucket, in order
+    with pytest.raises(ValueError, match="not in the bucket set"):
+        schema.to_table(BUCKETED, ["k"], ["c"], [np.zeros((4, 8, 8))], [np.zeros((4, 8, 8))], np.zeros((1, 6, 8)),
+                        np.ones(1), buckets=np.array([[32, 32]]))
+    with pytest.raises(ValueError, match=r"expected shape \(4, 20, 12\)"):
+        schema.to_table(BUCKETED, ["k"], ["c"], [np.zeros((4, 16, 16))], [np.zeros((4, 16, 16))],
+                        np.zeros((1, 6, 8)), np.ones(1), buckets=np.array([[80, 48]]))
+
+
+@pytest.mark.parametrize("world_size,drop_last", [(1, True), (2, True), (3, False)])
+def test_every_step_takes_one_bucket_on_every_rank(tmp_path, world_size, drop_last):
+    rows = write_bucketed(tmp_path, [17, 11, 20, 9])
+    cfg = LoaderConfig(batch_size=3, window_shards=2, drop_last=drop_last, with_text=True)
+    loaders = [FeatureLoader(tmp_path, cfg, rank=r, world_size=world_size) for r in range(world_size)]
+    for epoch in range(2):
+        per_rank = [list(loader) for loader in loaders]
+        assert len({len(batches) for batches in per_rank}) == 1  # the ranks stay in step
+        shapes_seen = set()
+        for step in zip(*per_rank):
+            shapes = {tuple(batch[BATCH_LATENT_MEAN].shape[2:]) for batch in step}
+            assert len(shapes) == 1, (epoch, shapes)  # the same bucket on every rank
+            shapes_seen |= shapes
+            for batch in step:
+                for i, key in enumerate(batch[BATCH_KEYS]):  # each row is its own, in its bucket's shape
+                    assert torch.equal(batch[BATCH_LATENT_MEAN][i], torch.from_numpy(rows[key][1]))
+        assert shapes_seen == {(20, 12), (16, 16), (12, 20)}  # the buckets are mixed over the epoch
+        flat = [k for batches in per_rank for batch in batches for k in batch[BATCH_KEYS]]
+        assert len(flat) == len(set(flat)) == len(rows) - loaders[0].dropped_rows_per_epoch
+    totals = loaders[0].bucket_totals
+    assert loaders[0].remainder_rows == int((totals % world_size).sum())
+    steps = [tuple(b[BATCH_LATENT_MEAN].shape[2:]) for b in FeatureLoader(tmp_path, cfg, 0, world_size)]
+    again = [tuple(b[BATCH_LATENT_MEAN].shape[2:]) for b in FeatureLoader(tmp_path, cfg, 0, world_size)]
+    later = FeatureLoader(tmp_path, cfg, 0, world_size)
+    later.set_epoch(1)
+    assert steps == again and steps != [tuple(b[BATCH_LATENT_MEAN].shape[2:]) for b in later]  # per epoch
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_bucketed_resume_is_bit_identical_wherever_the_run_stops(tmp_path, flip):
+    """A run split at step k (through a JSON checkpoint) yields the uninterrupted run's batches, flips included."""
+    write_bucketed(tmp_path, [13, 8, 15], flip=flip)
+    cfg = LoaderConfig(batch_size=2, window_shards=1, with_text=True)
+    reference = FeatureLoader(tmp_path, dataclasses.replace(cfg, prefetch=False), rank=1, world_size=2)
+    expected = take(reference, 2 * reference.batches_per_epoch)
+    for stop in range(1, len(expected)):
+        first = FeatureLoader(tmp_path, cfg, rank=1, world_size=2)
+        got = take(first, stop)
+        resumed = FeatureLoader(tmp_path, cfg, rank=1, world_size=2)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        got += take(resumed, len(expected) - stop)
+        for want, have in zip(expected, got, strict=True):
+            assert want[BATCH_KEYS] == have[BATCH_KEYS] and want[BATCH_NOISE_SEED] == have[BATCH_NOISE_SEED]
+            for name in (BATCH_LATENT_MEAN, BATCH_LATENT_LOGVAR, BATCH_TEXT_STATES, BATCH_TEXT_MASK):
+                assert torch.equal(want[name], have[name]), (stop, name)
+
+
+def test_flip_picks_the_stored_flipped_moments_by_a_seeded_coin(tmp_path):
+    rows = write_bucketed(tmp_path, [30, 26], flip=True)
+    cfg = LoaderConfig(batch_size=4, window_shards=0, with_text=True)
+    flips = []
+    for batch in FeatureLoader(tmp_path, cfg):
+        for i, key in enumerate(batch[BATCH_KEYS]):
+            _, mean, mirrored = rows[key]
+            got = batch[BATCH_LATENT_MEAN][i].numpy()
+            assert np.array_equal(got, mean) or np.array_equal(got, mirrored)
+            flips.append(np.array_equal(got, mirrored))
+    assert 0.25 < np.mean(flips) < 0.75  # a fair coin over ~52 samples
+    again = [np.array_equal(b[BATCH_LATENT_MEAN][i].numpy(), rows[k][2])
+             for b in FeatureLoader(tmp_path, cfg) for i, k in enumerate(b[BATCH_KEYS])]
+    assert again == flips  # a pure function of the seed and the position
+    other_seed = [np.array_equal(b[BATCH_LATENT_MEAN][i].numpy(), rows[k][2])
+                  for b in FeatureLoader(tmp_path, dataclasses.replace(cfg, seed=1))
+                  for i, k in enumerate(b[BATCH_KEYS])]
+    assert other_seed != flips
+    never = FeatureLoader(tmp_path, dataclasses.replace(cfg, flip=False))
+    for batch in never:
+        for i, key in enumerate(batch[BATCH_KEYS]):
+            assert np.array_equal(batch[BATCH_LATENT_MEAN][i].numpy(), rows[key][1])
+    state = FeatureLoader(tmp_path, cfg).state_dict()
+    with pytest.raises(ValueError, match="flip"):  # a flipped run does not resume unflipped
+        FeatureLoader(tmp_path, dataclasses.replace(cfg, flip=False)).load_state_dict(state)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_a_bucketed_resume_on_another_world_size_neither_loses_nor_repeats_a_row(tmp_path, drop_last):
+    rows = write_bucketed(tmp_path, [19, 14, 22, 17])  # 72 rows over three buckets
+    cfg = LoaderConfig(batch_size=2, window_shards=2, drop_last=drop_last, with_text=True)
+    four = [FeatureLoader(tmp_path, cfg, rank=r, world_size=4) for r in range(4)]
+    for stop in range(1, four[0].batches_per_epoch, 2):
+        for loader in four:
+            loader.set_epoch(0)
+        before = [k for loader in four for batch in itertools.islice(loader, stop) for k in batch[BATCH_KEYS]]
+        two = _resumed(tmp_path, cfg, 2, four[0].state_dict())
+        per_rank = [list(loader) for loader in two]
+        assert len({len(batches) for batches in per_rank}) == 1
+        for step in zip(*per_rank):
+            assert len({tuple(b[BATCH_LATENT_MEAN].shape) for b in step}) <= 2  # one bucket (a partial last batch)
+            assert len({tuple(b[BATCH_LATENT_MEAN].shape[2:]) for b in step}) == 1
+        seen = before + [k for batches in per_rank for batch in batches for k in batch[BATCH_KEYS]]
+        assert len(seen) == len(set(seen)), stop  # nothing repeated
+        rest = collections.Counter(rows[k][0] for k in set(rows) - set(before))  # per bucket, what no rank had
+        dropped = sum(n % 2 + (2 * ((n // 2) % 2) if drop_last else 0) for n in rest.values())
+        assert len(set(rows) - set(seen)) == dropped, stop  # nothing lost but the new layout's stated remainder

@@ -51,6 +51,7 @@ from pipelines.eval.driver import METRICS_FILE, EvalConfig
 from pipelines.eval.driver import REPORT_FILE as EVAL_REPORT
 from pipelines.eval.driver import STAGE as SAMPLE_EVAL
 from pipelines.eval.outputs import RESULTS_FILE
+from pipelines.inference.export import INDEX_FILE
 from pipelines.synthetic.shapes import PlantedCounts, SyntheticConfig, build_dataset
 from pipelines.synthetic.web import SyntheticServer, write_url_list
 from pipelines.train import checkpoint
@@ -351,7 +352,7 @@ def test_sample_eval_reads_an_s3_model_and_prompts_and_writes_the_same_images(ch
                                filter_string=f"tags.mlflow.parentRunId = '{train_run}'")
     assert len(evals) == 1
     assert {a.path for a in client.list_artifacts(evals[0].info.run_id)} >= {METRICS_FILE, RESULTS_FILE, "grids"}
-    assert {a.path for a in client.list_artifacts(train_run, "model")} >= {"model/model_index.json", "model/unet"}
+    assert {a.path for a in client.list_artifacts(train_run, "model")} >= {f"model/{INDEX_FILE}", "model/unet"}
 
 
 @pytest.mark.slow

@@ -121,18 +121,23 @@ def make_config(input_dir: Path, output_dir: Path, **sections) -> PrecomputeConf
 
 
 def read_rows(directory: Path) -> dict[str, dict[str, np.ndarray]]:
-    """key -> stored feature values, over every shard of a feature directory."""
+    """key -> stored feature values (latents in their bucket's shape) and bucket, over every shard of a feature
+    directory."""
     manifest = schema.Manifest.load(directory)
-    rows = {}
+    shapes, rows = manifest.shapes, {}
     for shard in manifest.shards:
         table = pq.read_table(directory / shard["name"])
-        arrays = {name: schema.column_array(table, name, shape) for name, shape in (
-            (schema.LATENT_MEAN, manifest.latent_shape), (schema.LATENT_LOGVAR, manifest.latent_shape),
-            (schema.TEXT_STATES, manifest.text_shape))}
-        arrays[schema.TEXT_LENGTH] = table.column(schema.TEXT_LENGTH).to_numpy()
+        buckets = list(zip(table.column(schema.BUCKET_HEIGHT).to_pylist(),
+                           table.column(schema.BUCKET_WIDTH).to_pylist()))
+        states = schema.column_array(table, schema.TEXT_STATES, manifest.text_shape)
+        lengths = table.column(schema.TEXT_LENGTH).to_numpy()
+        latents = {name: table.column(name).combine_chunks() for name in shapes.latent_columns()}
         for i, key in enumerate(table.column(schema.KEY).to_pylist()):
             assert key not in rows, f"duplicated row {key}"
-            rows[key] = {name: values[i] for name, values in arrays.items()}
+            rows[key] = {name: column[i].values.to_numpy(zero_copy_only=False).reshape(shapes.latent_of(buckets[i]))
+                         for name, column in latents.items()}
+            rows[key].update({schema.TEXT_STATES: states[i], schema.TEXT_LENGTH: lengths[i],
+                              "bucket": np.array(buckets[i])})
     return rows
 
 
@@ -202,6 +207,57 @@ def test_features_equal_direct_encoding(clean_run, shards):
     assert empty[schema.EMPTY_CAPTION_STATES].dtype == torch.float16
     torch.testing.assert_close(empty[schema.EMPTY_CAPTION_STATES].float(), states[0], atol=2e-3, rtol=2e-3)
     assert torch.equal(empty[schema.EMPTY_CAPTION_MASK], mask[0])
+
+
+BUCKETS = ((80, 48), (64, 64), (48, 80))  # image_size 64, multiple 16, max_ratio 2: tall, square, wide
+
+
+def test_buckets_and_flip_through_the_stage(ray_local, shards, tmp_path):
+    """Images of three aspects (64x64, 96x64 and 64x80, in every shard) through the real pipeline with
+    buckets: each row is stored in the bucket nearest its aspect, with that bucket's latent shape, grouped by
+    bucket in the manifest's order, counted per shard in the manifest and the report; with flip, the flipped
+    image's moments are stored too. Both equal a direct encoding of the sample."""
+    import torch
+
+    from model.encoders import build_vae
+
+    out, samples = tmp_path / "features", shards[1]
+    cfg = make_config(shards[0], out, buckets={"multiple": 16}, flip=True)
+    report = run_precompute(cfg)
+    assert finish(report, report_path(cfg)) == 0, report.to_dict()
+    manifest = schema.Manifest.load(out)
+    assert manifest.buckets == BUCKETS and manifest.flip and manifest.latent_shape == (4, 16, 16)
+    rows = read_rows(out)
+    # 64x64 -> square; 96x64 (3:2) -> the wide 48x80 (5:3); 64x80 (4:5) -> square (nearer than 3:5 on a log scale)
+    expected_bucket = {0: (64, 64), 1: (48, 80), 2: (64, 64)}
+    for key, row in rows.items():
+        bucket = expected_bucket[int(key[4:]) % 3]
+        assert tuple(row["bucket"]) == bucket
+        for name in manifest.shapes.latent_columns():
+            assert row[name].shape == (4, bucket[0] // 4, bucket[1] // 4)
+    counts = manifest.shard_bucket_rows()
+    assert counts.sum() == manifest.total_rows == len(rows) and counts[:, 0].sum() == 0  # no tall image
+    assert report.details["bucket_rows"] == {"80x48": 0, "64x64": int(counts[:, 1].sum()),
+                                             "48x80": int(counts[:, 2].sum())}
+    for shard, count in zip(manifest.shards, counts):  # grouped by bucket, in the manifest's order
+        table = pq.read_table(out / shard["name"], columns=[schema.BUCKET_HEIGHT, schema.BUCKET_WIDTH])
+        stored = list(zip(table.column(0).to_pylist(), table.column(1).to_pylist()))
+        assert stored == [b for b, n in zip(BUCKETS, count) for _ in range(n)]
+    vae = build_vae("tiny")
+    for key in ("00000001", "00040005", "00070003"):
+        image = torch.from_numpy(vae_input(samples[key]["jpg"], 64, BUCKETS))[None]  # (1, 3, H, W)
+        for (mean_name, logvar_name), pixels in (((schema.LATENT_MEAN, schema.LATENT_LOGVAR), image),
+                                                 ((schema.LATENT_MEAN_FLIPPED, schema.LATENT_LOGVAR_FLIPPED),
+                                                  image.flip(-1))):
+            mean, logvar = vae.encode(pixels)
+            np.testing.assert_allclose(rows[key][mean_name].astype(np.float32), mean[0].numpy(), atol=2e-3, rtol=2e-3)
+            np.testing.assert_allclose(rows[key][logvar_name].astype(np.float32), logvar[0].numpy(), atol=2e-3,
+                                       rtol=2e-3)
+        assert not np.allclose(rows[key][schema.LATENT_MEAN], rows[key][schema.LATENT_MEAN_FLIPPED])
+    # another bucket set over the same output is another feature format: refused, nothing changed
+    before = tree_snapshot(out)
+    assert run_stage(STAGE, make_config(shards[0], out, buckets={"multiple": 16, "max_ratio": 1.0}, flip=True)) == 2
+    assert tree_snapshot(out) == before
 
 
 def _mtimes(directory: Path) -> dict[str, int]:
@@ -321,6 +377,8 @@ def test_vae_input_resizes_and_center_crops():
     rng = np.random.default_rng(1)
     image = vae_input(_jpeg(rng, 96, 48), 32)
     assert image.shape == (3, 32, 32) and image.dtype == np.float32
+    assert vae_input(_jpeg(rng, 96, 48), 64, BUCKETS).shape == (3, 48, 80)  # 2:1 -> the widest bucket, 5:3
+    assert vae_input(_jpeg(rng, 40, 90), 64, BUCKETS).shape == (3, 80, 48)
     assert -1.0 <= image.min() and image.max() <= 1.0
     with pytest.raises(Exception):
         vae_input(b"not an image", 32)

@@ -19,9 +19,9 @@ from PIL import Image
 
 from model.unet import WEIGHTS_FILE
 from pipelines.eval.driver import METRICS_FILE, REPORT_FILE, EvalConfig, SamplingSettings, expand_rows
-from pipelines.eval.outputs import GRIDS_DIR, IMAGES_DIR, RESULTS_FILE, write_outputs
+from pipelines.eval.outputs import GRIDS_DIR, IMAGES_DIR, RESULTS_FILE, TABLE_FILE, write_outputs
 from pipelines.eval.prompts import PromptRow, read_prompts
-from pipelines.inference.draw import png_bytes
+from pipelines.inference.draw import captioned_grid, png_bytes
 from pipelines.inference.export import INDEX_FILE, UNET_DIR
 from tests.exports import write_untrained_export
 from tests.snapshots import DIR, mlflow_run_ids, tree_snapshot
@@ -67,7 +67,8 @@ def finished(model_dir, tmp_path_factory, ray_local):
     return SimpleNamespace(out=out, db=db, args=args, runs=mlflow_runs(db))
 
 
-def test_sample_eval_writes_images_results_grids_metrics_and_an_mlflow_run(finished):
+def test_sample_eval_writes_images_results_grids_metrics_and_an_mlflow_run(finished, tmp_path):
+    import pandas as pd
     from mlflow import MlflowClient
 
     out, runs = finished.out, finished.runs
@@ -85,8 +86,33 @@ def test_sample_eval_writes_images_results_grids_metrics_and_an_mlflow_run(finis
     assert "clip_weights" in metrics["clip_score"]["reason"] and metrics["fid"]["computed"] is False
     assert set(metrics["synthetic_accuracy"]) == {"guidance_1", "guidance_3"}
     assert len(runs) == 1 and runs[0].info.run_name == "eval-unit"
-    assert {a.path for a in MlflowClient(finished.db).list_artifacts(runs[0].info.run_id)} >= {METRICS_FILE,
-                                                                                               GRIDS_DIR}
+    client = MlflowClient(finished.db)
+    run_id = runs[0].info.run_id
+    assert {a.path for a in client.list_artifacts(run_id)} >= {METRICS_FILE, GRIDS_DIR, TABLE_FILE}
+    assert {a.path for a in client.list_artifacts(run_id, GRIDS_DIR)} == {f"{GRIDS_DIR}/guidance_1.png",
+                                                                          f"{GRIDS_DIR}/guidance_3.png"}
+    # the grid: 3 images a guidance scale, upscaled to 128 px tiles with their prompts under them
+    grid = np.asarray(Image.open(out / GRIDS_DIR / "guidance_1.png"))
+    assert grid.shape[1] == 2 * (128 + 2) + 2 and grid.shape[0] > 2 * (128 + 2) + 2
+    # CLIP score and FID were not computed: the run says why
+    tags = runs[0].data.tags
+    assert tags["eval.clip_score_skipped"] == metrics["clip_score"]["reason"]
+    assert tags["eval.fid_skipped"] == metrics["fid"]["reason"] and tags["latentforge.job"] == "sample_eval"
+    # the table: a row per image, with the image, what the checker read and the verdict (read from the artifact:
+    # MlflowClient.load_table searches the process's default store, not the client's)
+    assert {"path": TABLE_FILE, "type": "table"} in json.loads(tags["mlflow.loggedArtifacts"])
+    table = pd.read_json(client.download_artifacts(run_id, TABLE_FILE, str(tmp_path)), orient="split")
+    assert list(table.columns) == ["prompt", "seed", "guidance", "image_file", "image", "read", "wrong", "result"]
+    assert sorted(table["image_file"]) == sorted(r["image"] for r in results)
+    by_file = {r["image"]: r for r in results}
+    for row in table.to_dict("records"):
+        scores = by_file[row["image_file"]]["scores"]
+        assert row["result"] == {True: "pass", False: "fail", None: "not checked"}[scores["all_correct"]]
+        assert row["image"]["type"] == "image"
+        if row["prompt"] == "a photo of a cat":
+            assert row["read"].startswith("not checked") and row["wrong"] == ""
+        elif scores["read"] is not None:
+            assert row["read"].startswith(f"{scores['read']['size']} {scores['read']['color']} "), row
 
 
 def _without_timing(metrics: dict) -> dict:
@@ -197,6 +223,26 @@ def test_a_refused_rerun_leaves_the_finished_evaluation_as_it_was(finished, mode
     assert run_job(*finished.args, "--model", str(truncated)) == 2
     assert f"{truncated / UNET_DIR / WEIGHTS_FILE} is truncated" in caplog.text
     assert tree_snapshot(finished.out) == before and mlflow_run_ids(finished.db) == runs
+
+
+def test_captioned_grids_upscale_each_image_and_write_its_prompt_under_it():
+    """Nearest-neighbour upscaling to >= 128 px a side (the pixels unchanged, only larger), a white band under each
+    tile with dark text in it, and a long prompt cut to the band rather than spilling into the next tile."""
+    images = np.stack([np.full((32, 32, 3), value, np.uint8) for value in (40, 200, 90)])  # (3, 32, 32, 3)
+    images[0, 0, 0] = (255, 0, 0)
+    long = "a very long prompt " * 20
+    grid = captioned_grid(images, ["a red circle", "", long], columns=2)
+    tile, pad = 128, 2
+    band = (grid.shape[0] - 3 * pad) // 2 - tile
+    assert grid.shape[1] == 2 * (tile + pad) + pad and band > 20
+    assert (grid[pad:pad + 4, pad:pad + 4] == (255, 0, 0)).all()  # the top-left pixel, 4 x 4 now
+    assert (grid[pad + 4:pad + tile, pad + 4:pad + tile] == 40).all()
+    under = [grid[pad + tile:pad + tile + band, left:left + tile] for left in (pad, 2 * pad + tile)]
+    assert under[0].min() < 100 and (under[1] == 255).all()  # text under the first tile, none under the empty
+    third = grid[2 * pad + tile + band + tile: 2 * pad + 2 * (tile + band), pad:pad + tile]
+    assert third.min() < 100 and third.shape[0] == band
+    with pytest.raises(ValueError, match="one caption per image"):
+        captioned_grid(images, ["x"], columns=2)
 
 
 def test_a_negative_seed_in_a_prompt_file_is_an_error(tmp_path):

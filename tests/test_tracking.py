@@ -8,6 +8,7 @@
 - the registered model is logged from code: loading it unpickles nothing.
 """
 
+import dataclasses
 import http.server
 import json
 import logging
@@ -106,15 +107,37 @@ def test_run_is_created_when_mlflow_comes_back_with_what_was_buffered(tmp_path, 
 # --------------------------------------------------------------------- 3. the registered model, from code
 
 def test_registered_model_is_logged_from_code_and_loads_without_unpickling(tmp_path):
+    """... with a signature (prompts and seeds in, PNGs out, the sampler settings as params), a description and
+    tags naming the training run and the features; an evaluation writes its metrics into the description."""
     import mlflow
     import pandas as pd
+    from mlflow import MlflowClient
 
-    from pipelines.inference.mlflow_model import log_pyfunc_model
+    from pipelines.inference.mlflow_model import EVAL_HEADING, describe_evaluation, log_pyfunc_model
 
     model_dir = write_untrained_export(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker.open(MLflowSettings(tracking_uri=uri, experiment="pyfunc", system_metrics=False), "pyfunc")
-    log_pyfunc_model(tracker, str(model_dir), "tiny-from-code")
+    assert log_pyfunc_model(tracker, str(model_dir), "tiny-from-code", f"Tiny.\n\n{EVAL_HEADING}\n\nNot yet.",
+                            {"dataset_manifest_sha256": "f00d"}) == "1"
+    client = MlflowClient(uri)
+    version = client.get_model_version("tiny-from-code", "1")
+    assert version.tags == {"training_run_id": tracker.run_id, "dataset_manifest_sha256": "f00d"}
+    signature = mlflow.models.get_model_info("models:/tiny-from-code/1").signature
+    assert signature.inputs.input_names() == ["prompt", "seed"] and signature.outputs.input_names()[-1] == "png"
+    assert {p.name: p.default for p in signature.params.params}["steps"] == 25
+    metrics = {"images": 6, "prompts": 3, "sampler": "ddim", "steps": 3,
+               "synthetic_accuracy": {"guidance_4": {"overall": {"all_correct": 0.5}, "held_out": {"all_correct": 0.25},
+                                                     "out_of_vocabulary": 1}},
+               "clip_score": {"computed": False, "reason": "no CLIP weights given"},
+               "fid": {"computed": True, "value": 12.5}}
+    for _ in range(2):  # a second evaluation replaces the first's text
+        assert describe_evaluation(client, tracker.run_id, metrics, "eval-run") == [("tiny-from-code", "1")]
+    described = client.get_model_version("tiny-from-code", "1")
+    assert described.description.startswith("Tiny.") and described.description.count(EVAL_HEADING) == 1
+    assert "all correct 50.0% (held-out pairs 25.0%" in described.description and "FID: 12.5" in described.description
+    assert "CLIP score: not computed (no CLIP weights given)" in described.description
+    assert "Not yet." not in described.description and described.tags["eval_run_id"] == "eval-run"
     logged = [p for p in (tmp_path / "mlartifacts").rglob("MLmodel")]
     assert logged, "no logged model"
     for mlmodel in logged:
@@ -226,7 +249,7 @@ def test_credentials_in_uris_reach_no_report_param_tag_checkpoint_export_or_log(
                             "--set", "mlflow.experiment=tracked"]) == 0
     logging.getLogger("some.library").warning("fetching %s", prompts)  # a library's log line, after setup_logging
     secrets = (PASSWORD, SIGNATURE, CREDENTIAL)
-    # reports, checkpoints (meta.json), the export (model_index.json), the evaluation's outputs
+    # reports, checkpoints (meta.json), the export (its manifest, INDEX_FILE), the evaluation's outputs
     assert _files_holding(train_work, *secrets) == []
     client = MlflowClient(_secret_uri(server))  # the real credentials still work
     runs = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
@@ -248,8 +271,10 @@ def test_credentials_in_uris_reach_no_report_param_tag_checkpoint_export_or_log(
 def test_a_finished_run_rerun_is_a_no_op(train_work, server, ray_local, caplog):
     from mlflow import MlflowClient
 
+    from pipelines.inference.export import INDEX_FILE
+
     caplog.set_level(logging.INFO, logger="latentforge")
-    export_index = train_work / "runs" / "tracked" / "export" / "model_index.json"
+    export_index = train_work / "runs" / "tracked" / "export" / INDEX_FILE
     if not export_index.exists():  # run on its own
         assert _train(train_work, server) == 0
     before = export_index.stat().st_mtime_ns
@@ -280,3 +305,105 @@ def test_a_raised_max_steps_is_recorded_as_what_it_became(train_work, server, ra
     assert params["max_steps.at_step_2"] == "4"  # what it became, and when
     assert tags["latentforge.changed.max_steps"] == "2 -> 4 at step 2"
     assert "batch.micro_batch.at_step_2" not in params  # unchanged settings log nothing new
+
+
+# ------------------------------------------------- issue 19: experiments, linked stage runs, dataset inputs
+
+def _store(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_experiments_open_on_the_training_view_and_a_kind_chosen_in_the_ui_is_kept(tmp_path):
+    from mlflow import MlflowClient
+
+    from pipelines.core.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    uri = _store(tmp_path)
+    client = MlflowClient(uri)
+    client.create_experiment("made-elsewhere")  # by another tool: no kind
+    client.set_experiment_tag(client.create_experiment("chosen"), EXPERIMENT_KIND_TAG, "genai_development")
+    for name in ("new", "made-elsewhere", "chosen"):
+        Tracker.open(MLflowSettings(tracking_uri=uri, experiment=name, system_metrics=False), "run")
+    kinds = {name: client.get_experiment_by_name(name).tags.get(EXPERIMENT_KIND_TAG)
+             for name in ("new", "made-elsewhere", "chosen")}
+    assert EXPERIMENT_KIND == "custom_model_development"
+    assert kinds == {"new": EXPERIMENT_KIND, "made-elsewhere": EXPERIMENT_KIND, "chosen": "genai_development"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StageConfig:
+    output_dir: str = ""
+    input_dir: str = ""
+    fail: bool = False
+    mlflow: MLflowSettings = dataclasses.field(default_factory=MLflowSettings)
+
+
+def _toy_stage(name: str):
+    """A stage shaped like the data stages (no Ray): 10 rows in, 7 out, 2 too_small and 1 'bad caption'."""
+    from pipelines.core.job import Stage
+    from pipelines.core.runtime import StageReport
+
+    def run(cfg: _StageConfig) -> StageReport:
+        if cfg.fail:
+            raise RuntimeError("the disk is full")
+        report = StageReport(name, rows_in=10, rows_out=7)
+        report.drop("too_small", 2)
+        report.drop("bad caption", 1)
+        return report
+
+    return Stage(name, _StageConfig, run=run, report_path=lambda cfg: storage.join(cfg.output_dir, f"{name}.json"),
+                 uses_ray=False, upstream_reports=lambda cfg: (storage.join(cfg.input_dir, "download.json"),)
+                 if cfg.input_dir else ())
+
+
+def test_data_stage_reports_are_runs_linked_to_the_run_that_made_their_input(tmp_path):
+    """run_stage logs a data stage's report as a run (counts as metrics, the report as an artifact, the status
+    from the report), puts the run id into the report file, and the next stage's run names it."""
+    from mlflow import MlflowClient
+
+    from pipelines.core.job import run_stage
+    from pipelines.core.tracking import EXPERIMENT_KIND_TAG, JOB_TAG, REPORT_RUN_KEY, UPSTREAM_TAG_PREFIX
+
+    settings = MLflowSettings(tracking_uri=_store(tmp_path), experiment="family", system_metrics=False)
+    raw, kept = tmp_path / "raw", tmp_path / "kept"
+    assert run_stage(_toy_stage("download"), _StageConfig(output_dir=str(raw), mlflow=settings)) == 0
+    assert run_stage(_toy_stage("filter"), _StageConfig(output_dir=str(kept), input_dir=str(raw),
+                                                        mlflow=settings)) == 0
+    download_id = json.loads((raw / "download.json").read_text())[REPORT_RUN_KEY]
+    filter_id = json.loads((kept / "filter.json").read_text())[REPORT_RUN_KEY]
+    client = MlflowClient(settings.tracking_uri)
+    first, second = client.get_run(download_id), client.get_run(filter_id)
+    assert first.info.experiment_id == second.info.experiment_id == client.get_experiment_by_name("family").experiment_id
+    assert client.get_experiment(first.info.experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert second.info.run_name == "filter-kept" and second.info.status == "FINISHED"
+    assert second.data.tags[JOB_TAG] == "filter" and second.data.tags[UPSTREAM_TAG_PREFIX + "download"] == download_id
+    assert UPSTREAM_TAG_PREFIX + "download" not in first.data.tags
+    assert second.data.metrics == {"rows_in": 10, "rows_out": 7, "dropped_total": 3, "dropped.too_small": 2,
+                                   "dropped.bad caption": 1}
+    assert second.data.params == {"output": str(kept), "report": str(kept / "filter.json")}
+    logged = json.loads(Path(client.download_artifacts(filter_id, "filter.json", str(tmp_path))).read_text())
+    assert logged == {**json.loads((kept / "filter.json").read_text()), "seconds": logged["seconds"]}
+
+    failed = _StageConfig(output_dir=str(tmp_path / "broken"), fail=True, mlflow=settings)
+    assert run_stage(_toy_stage("precompute"), failed) == 1
+    run = client.get_run(json.loads((tmp_path / "broken" / "precompute.json").read_text())[REPORT_RUN_KEY])
+    assert run.info.status == "FAILED" and "the disk is full" in run.data.tags["latentforge.error"]
+
+    off = dataclasses.replace(settings, enabled=False)
+    assert run_stage(_toy_stage("download"), _StageConfig(output_dir=str(tmp_path / "off"), mlflow=off)) == 0
+    assert REPORT_RUN_KEY not in json.loads((tmp_path / "off" / "download.json").read_text())
+
+
+def test_the_feature_manifest_is_a_dataset_input_of_the_run(tmp_path):
+    from mlflow import MlflowClient
+
+    settings = MLflowSettings(tracking_uri=_store(tmp_path), experiment="data", system_metrics=False)
+    tracker = Tracker.open(settings, "train")
+    digest = "ab" * 32
+    tracker.log_dataset("features", str(tmp_path / "features" / "manifest.json"), digest)
+    inputs = MlflowClient(settings.tracking_uri).get_run(tracker.run_id).inputs.dataset_inputs
+    assert len(inputs) == 1
+    dataset = inputs[0].dataset
+    assert (dataset.name, dataset.digest) == ("features", digest[:32])
+    assert str(tmp_path / "features" / "manifest.json") in dataset.source
+    assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "training"

@@ -16,6 +16,7 @@ averaging at step 2, so each resume (from step 4 or 6) must restore the LR's pos
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -25,14 +26,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 from pipelines.core.config import ConfigError, apply_override, from_dict
-from pipelines.inference.export import load_exported
+from pipelines.inference.export import INDEX_FILE, load_exported
 from pipelines.synthetic.features import write_synthetic_features
 from pipelines.train import attempts, checkpoint
 from pipelines.train.config import TrainConfig
 from pipelines.train.driver import run_training
+from tests.log_lines import captured_output, library_noise, progress_lines, repeated_lines
 from tests.snapshots import mlflow_run_ids, tree_snapshot
 
 pytestmark = pytest.mark.slow
@@ -45,6 +48,7 @@ WARMUP, EMA_START, SPLIT_AT, KILL_AFTER = 8, 2, 6, 4
 EXACT = ("lr.kind=cosine", f"lr.warmup_steps={WARMUP}", f"ema.start_step={EMA_START}", "objective.prediction_type=eps")
 MODEL_NAME = "tiny-test"
 UNREACHABLE = "http://127.0.0.1:9"
+REF_OUTPUT = "ref-output.log"
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +117,19 @@ def assert_lr_follows(logged: dict[int, float], steps, cfg: TrainConfig, total: 
 
 @pytest.fixture(scope="module")
 def ref(work, ray_local):
-    return run_training(make_cfg(work, "ref", *EXACT, "samples.every_steps=6", f"mlflow.registered_model={MODEL_NAME}"))
+    with captured_output() as output:  # what the run printed, its workers' lines included (REF_OUTPUT)
+        result = run_training(make_cfg(work, "ref", *EXACT, "samples.every_steps=6",
+                                       f"mlflow.registered_model={MODEL_NAME}"))
+    (work / REF_OUTPUT).write_text(output.getvalue())
+    return result
+
+
+def test_the_training_log_shows_progress_and_no_library_noise(work, ref):
+    text = (work / REF_OUTPUT).read_text()
+    assert library_noise(text) == {}
+    assert repeated_lines(text, most=3) == {}
+    progress = progress_lines(text)  # log_every=1: a line a step, "N/12 steps (P%), R steps/s, ETA H:MM:SS"
+    assert progress and all(f"/{STEPS} steps (" in line for line in progress), progress
 
 
 def test_two_zero2_workers_train_checkpoint_export_and_log(work, ref):
@@ -148,10 +164,30 @@ def test_a_run_logs_params_metrics_images_and_registers_the_model(work, ref):
         assert metric in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(ref.mlflow_run_id)}
     assert {"config.json", "model", "images"} <= artifacts
-    assert len(client.list_artifacts(ref.mlflow_run_id, "images")) >= 2  # grids at steps 6 and 12
-    assert "model/model_index.json" in {a.path for a in client.list_artifacts(ref.mlflow_run_id, "model")}
+    assert f"model/{INDEX_FILE}" in {a.path for a in client.list_artifacts(ref.mlflow_run_id, "model")}
+    # the experiment opens on the training view; the run names its stage and reads the features as a dataset
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.data.tags["latentforge.job"] == "train_unet"
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == run.data.tags["dataset_manifest_sha256"][:32]
+    assert dataset.dataset.name == "features" and str(work / "features" / "manifest.json") in dataset.dataset.source
 
+    # sample grids at step 0 (the untrained baseline), 6 and 12: 32 px samples as 128 px tiles, captioned below
+    grids = {int(m.group(1)): a.path for a in client.list_artifacts(ref.mlflow_run_id, "images")
+             if (m := re.match(r"images/samples\+step\+(\d+)\+.*\.png$", a.path))}
+    assert sorted(grids) == [0, 6, 12]
+    grid = np.asarray(Image.open(client.download_artifacts(ref.mlflow_run_id, grids[0], str(work))))
+    assert grid.shape[1] == 128 + 4 and grid.shape[0] > 128 + 4 + 20  # one seed, one prompt; the caption band
+    assert grid[2 + 128:-2, 2:-2].min() < 100  # text under the tile
+
+    # the registered version: signature, a description naming the run and the features, tags
+    version = client.get_model_version(MODEL_NAME, "1")
+    assert version.tags == {"training_run_id": ref.mlflow_run_id,
+                            "dataset_manifest_sha256": run.data.tags["dataset_manifest_sha256"]}
+    assert ref.mlflow_run_id in version.description and "Not evaluated yet" in version.description
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    assert mlflow.models.get_model_info(f"models:/{MODEL_NAME}/1").signature.params is not None
     pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/1")
     out = pyfunc.predict(pd.DataFrame({"prompt": ["a large red circle in the top left"], "seed": [3]}),
                          params={"steps": 4, "guidance_scale": 2.0})

@@ -12,6 +12,8 @@ run_job, in order:
    default sqlite:///<cwd>/mlflow.db when MLFLOW_TRACKING_URI is unset) is a ConfigError
    (tracking.check_store_is_shared);
 4. run(cfg) -> StageReport. Any other exception marks the report failed, with the traceback in the log;
+   a stage with `upstream_reports` (the data stages, which have no MLflow run of their own) logs the report
+   as an MLflow run (tracking.log_stage_report), linked to the runs of the reports it names;
 5. writes the report to report_path(cfg) and logs a one-line summary. Exit status 0: done; 1: the stage
    failed (its report says why).
 """
@@ -26,7 +28,7 @@ from typing import Callable, Generic, TypeVar
 
 from pipelines.core.config import ConfigError, parse_job_args
 from pipelines.core.runtime import EXIT_BAD_INPUT, StageReport, alive_ray_nodes, finish, init_ray, setup_logging
-from pipelines.core.tracking import MLflowSettings, check_store_is_shared
+from pipelines.core.tracking import MLflowSettings, check_store_is_shared, log_stage_report
 
 log = logging.getLogger("latentforge")
 
@@ -57,6 +59,9 @@ class Stage(Generic[C]):
     tracking: Callable[[C], MLflowSettings | None] = _mlflow_section
     # Flags that stand for --set KEY=VALUE (flag name -> help), e.g. sample_eval's --model.
     shorthands: dict[str, str] = field(default_factory=dict)
+    # Set: the report is logged as an MLflow run, linked to the runs of these upstream reports (an empty tuple:
+    # none). None: the stage logs runs of its own (training, evaluation).
+    upstream_reports: Callable[[C], tuple[str, ...]] | None = None
 
 
 def run_job(stage: Stage[C], description: str, argv: list[str] | None = None) -> int:
@@ -81,6 +86,8 @@ def run_stage(stage: Stage[C], cfg: C) -> int:
         log.exception("%s failed", stage.name)
         report = StageReport(stage.name)
         report.fail(f"{type(err).__name__}: {_one_line(err)}")
+    if stage.upstream_reports is not None and (settings := stage.tracking(cfg)) is not None and settings.enabled:
+        log_stage_report(settings, report, stage.report_path(cfg), stage.upstream_reports(cfg))
     return finish(report, stage.report_path(cfg))
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.core import storage
+from pipelines.core import quiet, storage
 from pipelines.core.config import ConfigError
 
 log = logging.getLogger("latentforge")
@@ -40,7 +40,8 @@ class RedactingFilter(logging.Filter):
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Log lines to stderr, with credentials inside URIs redacted in every record, ours and libraries'.
+    """Log lines to stderr, with credentials inside URIs redacted in every record, ours and libraries', and the
+    library lines a user cannot act on silenced (pipelines/core/quiet.py).
 
     The redaction runs where records are made (a record factory), not in a handler's filter: MLflow and Ray
     log through handlers of their own that do not propagate to the root logger, added when they are imported."""
@@ -57,6 +58,7 @@ def setup_logging(level: int = logging.INFO) -> None:
 
         make_record.redacting = True
         logging.setLogRecordFactory(make_record)
+    quiet.quiet_libraries()
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -64,17 +66,19 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     num_cpus only applies to the embedded one. Worker threads are pinned to one OpenMP thread per
     task in the embedded case: several torch processes on a small machine otherwise oversubscribe.
+    Every worker process of the job silences the library lines of pipelines/core/quiet.py at its start.
     """
     import ray
 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, runtime_env=quiet.ray_runtime_env())  # merged with a submitted job's own
         log.info("joined Ray cluster at %s", os.environ["RAY_ADDRESS"])
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    runtime_env = quiet.ray_runtime_env()
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "OMP_NUM_THREADS": "1"}
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
     log.info("started an embedded local Ray (RAY_ADDRESS is unset): %s", ray.cluster_resources())
 
 

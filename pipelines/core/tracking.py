@@ -18,6 +18,12 @@ created then: by the driver, or by the worker that logs (it gets the run's name,
 waits on MLflow for more than one short HTTP attempt (see MLflowSettings.http_*).
 
 Whatever goes to MLflow (params, tags, dicts) has the credentials inside URIs redacted (storage.redact).
+
+One experiment holds a pipeline's runs, linked: every run is tagged with its stage (JOB_TAG), and with
+`latentforge.upstream.<stage>` = the run id of each stage whose output it read (upstream_links, from that
+stage's report); an evaluation is nested under its training run. The experiment is tagged as one of model
+training (EXPERIMENT_KIND_TAG): MLflow 3's UI otherwise opens it on its GenAI views. The data stages, which
+have no run of their own, log their reports as runs (log_stage_report).
 """
 
 from __future__ import annotations
@@ -28,16 +34,25 @@ import os
 import re
 import time
 import urllib.parse
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from pipelines.core import storage
 from pipelines.core.config import ConfigError
 
+if TYPE_CHECKING:
+    from pipelines.core.runtime import StageReport
+
 log = logging.getLogger("latentforge.tracking")
 
 RUN_NAME_TAG = "latentforge.run_name"
+JOB_TAG = "latentforge.job"  # the stage that made the run: download, filter, precompute, train_vae, train_unet, ...
+UPSTREAM_TAG_PREFIX = "latentforge.upstream."  # + a stage's name: the run id of the run that made this one's input
+REPORT_RUN_KEY = "mlflow_run_id"  # the key of a stage report that holds the stage's MLflow run id
+# MLflow 3's UI opens an experiment on its GenAI views (traces, prompts) unless this tag says it holds training.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 CHANGED_TAG_PREFIX = "latentforge.changed."
 _CHANGED_AT = ".at_step_"  # changed_param: <key>.at_step_<N> ('@' and ':' are not allowed in MLflow keys)
 DEFAULT_TRACKING_FILE = "mlflow.db"
@@ -234,10 +249,16 @@ class Tracker:
             return None
 
     def _experiment_id(self) -> str:
+        """The experiment's id, created when missing; either way tagged as a training experiment (a kind a
+        user chose in the UI is kept)."""
         experiment = self.client.get_experiment_by_name(self.settings.experiment)
-        if experiment is not None:
-            return experiment.experiment_id
-        return self.client.create_experiment(self.settings.experiment, artifact_location=self.settings.artifact_location)
+        if experiment is None:
+            return self.client.create_experiment(self.settings.experiment,
+                                                 artifact_location=self.settings.artifact_location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return experiment.experiment_id
 
     def _run_named(self, experiment_id: str, run_name: str) -> Any | None:
         """The newest run tagged with run_name. MLflow's filter strings have no escape for quotes, so the filter
@@ -377,6 +398,13 @@ class Tracker:
 
         self._log("log params", log_new)
 
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Run tags (values redacted); kept while MLflow is unreachable, like params."""
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, storage.redact(str(v))[:_PARAM_VALUE_MAX]) for k, v in tags.items()]
+        self._log("set tags", lambda run_id: self.client.log_batch(run_id, tags=batch))
+
     def log_dict(self, values: dict[str, Any], artifact_file: str) -> None:
         values = storage.redact_values(values)
         self._log(f"log {artifact_file}", lambda run_id: self.client.log_dict(run_id, values, artifact_file))
@@ -402,6 +430,30 @@ class Tracker:
     def log_artifact(self, local_file: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._log(f"log artifact {local_file}",
                   lambda run_id: self.client.log_artifact(run_id, str(local_file), artifact_path), keep=False)
+
+    def log_table(self, table: Any, artifact_file: str) -> None:
+        """A pandas DataFrame as an MLflow table (shown in the run's artifacts, and in Evaluations); columns of
+        PIL images are stored as images."""
+        self._log(f"log table {artifact_file}",
+                  lambda run_id: self.client.log_table(run_id, table, artifact_file), keep=False)
+
+    def log_dataset(self, name: str, location: str, digest: str, context: str = "training") -> None:
+        """A dataset input of the run: metadata only (name, where it is, its digest), no rows. MLflow keeps
+        36 characters of a digest: a longer one (a sha256) is cut to its first 32."""
+        def log(run_id: str) -> None:
+            from mlflow.data.dataset_source_registry import resolve_dataset_source
+            from mlflow.data.meta_dataset import MetaDataset
+            from mlflow.entities import DatasetInput, InputTag
+            from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+            with warnings.catch_warnings():  # a local path reads as either of two equal local sources
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(storage.redact(location))
+            dataset = MetaDataset(source, name=name, digest=digest[:32])
+            self.client.log_inputs(run_id, datasets=[DatasetInput(
+                dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+        self._log(f"log dataset {name}", log)
 
     def start_system_metrics(self) -> None:
         """MLflow's system-metrics monitor for this run, in this process (stop with stop_system_metrics)."""
@@ -434,3 +486,47 @@ class Tracker:
             log.warning("MLflow at %s: %d calls were never logged (%d kept while it was unreachable, %d images, "
                         "artifacts or refused calls)", self.settings.tracking_uri, len(self._buffer) + self._lost,
                         len(self._buffer), self._lost)
+
+
+def upstream_links(report_locations: Iterable[str]) -> dict[str, str]:
+    """Tags that link a run to the runs that made its inputs: `latentforge.upstream.<stage>` = run id, read from
+    each upstream stage's report (its REPORT_RUN_KEY). A report that is missing, unreadable or without a run
+    id (MLflow was off or down then) links nothing."""
+    tags = {}
+    for location in report_locations:
+        try:
+            report = storage.read_json(location)
+        except (OSError, ValueError):
+            continue
+        if isinstance(report, dict) and report.get(REPORT_RUN_KEY) and report.get("stage"):
+            tags[UPSTREAM_TAG_PREFIX + str(report["stage"])] = str(report[REPORT_RUN_KEY])
+    return tags
+
+
+def _metric_key(name: str) -> str:
+    return re.sub(r"[^\w.\- ]", "_", name)
+
+
+def log_stage_report(settings: MLflowSettings, report: StageReport, report_location: str,
+                     upstream_reports: Iterable[str] = ()) -> None:
+    """A data stage's report as an MLflow run of its own, in settings.experiment, named <stage>-<output folder>:
+    params output and report (where the report file is), metrics rows_in, rows_out, dropped_total and
+    dropped.<reason>, the report JSON as an artifact, tags JOB_TAG and upstream_links(upstream_reports), and
+    the status FINISHED or FAILED as the report says. The run id goes into the report (REPORT_RUN_KEY), where the
+    next stage finds it. Each execution of a stage is its own run (a rerun that had nothing to do included)."""
+    output, _, report_file = str(report_location).rpartition("/")  # a path or a URI
+    name = f"{report.stage}-{output.rpartition('/')[2] or '.'}"
+    tracker = Tracker.open_child(settings, name, parent_run_id=None)
+    report.details[REPORT_RUN_KEY] = tracker.run_id
+    if not tracker.active:
+        return
+    tracker.set_tags({JOB_TAG: report.stage, **upstream_links(upstream_reports)})
+    tracker.log_params({"output": output, "report": report_location})
+    values = report.to_dict()
+    metrics = {"rows_in": report.rows_in, "rows_out": report.rows_out, "dropped_total": values["dropped_total"]}
+    metrics |= {f"dropped.{_metric_key(reason)}": count for reason, count in report.dropped.items()}
+    tracker.log_metrics(metrics, step=0)
+    tracker.log_dict(values, report_file)
+    if not report.ok:
+        tracker.set_tags({"latentforge.error": report.error or ""})
+    tracker.finish("FINISHED" if report.ok else "FAILED")

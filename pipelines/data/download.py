@@ -52,7 +52,7 @@ import re
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -66,6 +66,7 @@ from pipelines.core.images import TooManyPixels, decode_rgb
 from pipelines.core.job import Stage
 from pipelines.core.progress import Progress
 from pipelines.core.runtime import StageReport
+from pipelines.core.tracking import MLflowSettings
 from pipelines.data import url_guard
 
 log = logging.getLogger("latentforge.download")
@@ -93,7 +94,11 @@ class DownloadConfig:
     caption_col: str = "caption"
     extra_columns: list[str] | None = None  # copied into each sample's .json; None: every other column
     image_size: int = 64
-    resize_mode: str = "center_crop"
+    # keep_ratio: the short side becomes image_size and the aspect is kept, so precompute can put each image
+    # in its aspect-ratio bucket (pipelines/data/buckets.py). center_crop stores squares (the framing is lost),
+    # keep_ratio_largest fits the long side, border pads to a square (never: the model would learn the bars).
+    resize_mode: str = "keep_ratio"
+    resize_only_if_bigger: bool = False  # True: smaller images are stored as they are (precompute upscales them)
     min_image_size: int = 0  # images whose shorter side is smaller are dropped (too_small)
     max_aspect_ratio: float | None = None  # None: keep any aspect ratio (the filter stage decides)
     encode_format: str = "jpg"
@@ -114,6 +119,7 @@ class DownloadConfig:
     # largest camera sensors (151 MP), far under a 20000x20000 PNG bomb (400 M). An image at the limit
     # takes about 1.5 GB in its thread while it is resized (3 copies of 480 MB RGB): lower it for many threads.
     max_image_pixels: int = 160_000_000
+    mlflow: MLflowSettings = field(default_factory=MLflowSettings)  # where the report is logged as a run
 
 
 def validate_config(cfg: DownloadConfig) -> DownloadConfig:
@@ -297,7 +303,8 @@ def _make_resizer(cfg: DownloadConfig):
             del rgb  # the biggest image may be large: keep one decoded copy less while OpenCV works
             return super().__call__(normalised, blurring_bbox_list)
 
-    return DecodingResizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
+    return DecodingResizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode,
+                           resize_only_if_bigger=cfg.resize_only_if_bigger,
                            encode_format=cfg.encode_format, encode_quality=cfg.encode_quality,
                            min_image_size=cfg.min_image_size,
                            max_aspect_ratio=cfg.max_aspect_ratio if cfg.max_aspect_ratio else float("inf"))
@@ -527,4 +534,5 @@ def run_download(cfg: DownloadConfig) -> StageReport:
     return summarize(report, cfg, shards, done, runner)
 
 
-STAGE = Stage("download", DownloadConfig, run=run_download, report_path=report_path, check=validate_config)
+STAGE = Stage("download", DownloadConfig, run=run_download, report_path=report_path, check=validate_config,
+              upstream_reports=lambda cfg: ())

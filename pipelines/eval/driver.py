@@ -4,7 +4,9 @@
 
 OUT_DIR receives images/NNNNN.png, results.jsonl (one object per image: prompt, seed, guidance, sampler,
 steps, image, and its scores), grids/guidance_<g>.png and metrics.json; the same metrics go to an MLflow
-child run of the training run (or a new run when the model carries no run id).
+child run of the training run (or a new run when the model carries no run id), with the grids, a table of the
+images with what the checker read from each (eval_table.json), and tags eval.<metric>_skipped naming why CLIP
+score or FID were not computed. Registered versions of the training run get the metrics in their description.
 
 Each image is a function of (model, prompt, seed, guidance, sampler, steps): sampling starts from
 initial_noise(seed), so a rerun with the same batch size gives the same pixels; another batch size
@@ -27,9 +29,10 @@ from pipelines.core import storage
 from pipelines.core.compute import ActorPool
 from pipelines.core.config import ConfigError, flatten, from_dict, to_dict
 from pipelines.core.job import Stage
+from pipelines.core.progress import Progress
 from pipelines.core.runtime import StageReport
-from pipelines.core.tracking import MLflowSettings, Tracker, apply_http_limits
-from pipelines.eval.outputs import GRIDS_DIR, RESULTS_FILE, write_outputs
+from pipelines.core.tracking import JOB_TAG, MLflowSettings, Tracker, apply_http_limits
+from pipelines.eval.outputs import GRIDS_DIR, RESULTS_FILE, TABLE_FILE, results_table, write_outputs
 from pipelines.eval.prompts import PromptRow, read_prompts
 from pipelines.inference.export import load_index
 
@@ -220,9 +223,11 @@ def sample_all(cfg: EvalConfig, model_dir: str, rows: list[dict[str, Any]]) -> d
                         compute=ray.data.ActorPoolStrategy(size=c.actors),
                         num_cpus=c.num_cpus_per_actor, num_gpus=c.num_gpus_per_actor)
     out: dict[int, bytes] = {}
+    progress = Progress(len(rows), "images")
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for index, png in zip(batch["index"], batch["png"]):
             out[int(index)] = bytes(png)
+        log.info("%s", progress.line(len(out)))
     return out
 
 
@@ -257,12 +262,25 @@ def log_to_mlflow(cfg: EvalConfig, settings: MLflowSettings, index: dict[str, An
     parent = index.get("mlflow_run_id")
     name = cfg.run_name or f"eval-{index.get('run_name') or cfg.model.rstrip('/').rpartition('/')[2]}"
     tracker = Tracker.open_child(settings, name, parent_run_id=parent)
+    tracker.set_tags({JOB_TAG: "sample_eval", **skipped_tags(metrics)})
     tracker.log_params({"model": cfg.model, "prompts": cfg.prompts, **{f"sampling.{k}": v
                         for k, v in to_dict(cfg.sampling).items()}})
     tracker.log_metrics(numeric_leaves(metrics), step=int(index.get("step", 0)))
     if tracker.active:
         log_outputs(tracker, cfg.out)
+        tracker.log_table(results_table(cfg.out), TABLE_FILE)
     tracker.finish("FINISHED")
+    if parent and tracker.run_id:
+        from pipelines.inference.mlflow_model import describe_evaluation
+
+        tracker.call("describe the registered model", describe_evaluation, tracker.client, parent, metrics,
+                     tracker.run_id)
+
+
+def skipped_tags(metrics: dict[str, Any]) -> dict[str, str]:
+    """eval.<metric>_skipped = why, for each weights-based metric (clip_score, fid) that was not computed."""
+    return {f"eval.{key}_skipped": metrics[key]["reason"] for key in ("clip_score", "fid")
+            if not metrics[key]["computed"]}
 
 
 def log_outputs(tracker: Tracker, out: str) -> None:

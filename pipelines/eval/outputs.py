@@ -19,10 +19,14 @@ import numpy as np
 
 from pipelines.core import storage
 from pipelines.eval import metrics
-from pipelines.inference.draw import image_grid, save_png
+from pipelines.inference.draw import captioned_grid, save_png
 from pipelines.synthetic import checker
 
 IMAGES_DIR, GRIDS_DIR, RESULTS_FILE = "images", "grids", "results.jsonl"
+TABLE_FILE = "eval_table.json"  # the MLflow table of results_table
+# Above this many images the table names the image files only: MLflow stores each table image twice, one by one.
+TABLE_IMAGES_MAX = 200
+_TABLE_TILE = 128  # table images are upscaled (nearest neighbour) to at least this many pixels a side
 
 
 def _decode(png: bytes) -> np.ndarray:
@@ -78,15 +82,18 @@ def remove_others(out: str, folder: str, written: Iterable[str]) -> None:
 
 
 def write_grids(cfg: Any, rows: list[dict[str, Any]], images: list[np.ndarray]) -> dict[str, str]:
-    """One grid per guidance scale (the first grid_images of it); returns {guidance key: relative path}."""
+    """One grid per guidance scale (the first grid_images of it, each prompt and seed under its image); returns
+    {guidance key: relative path}."""
     out = {}
     for g in cfg.sampling.guidance_scales:
-        picked = [im for r, im in zip(rows, images) if r["guidance"] == float(g)][: cfg.grid_images]
+        picked = [(r, im) for r, im in zip(rows, images) if r["guidance"] == float(g)][: cfg.grid_images]
         if not picked:
             continue
         columns = int(np.ceil(np.sqrt(len(picked))))
         name = f"{GRIDS_DIR}/{guidance_key(g)}.png"
-        save_png(image_grid(np.stack(picked), columns=columns), storage.join(cfg.out, name))
+        captions = [f"{r['prompt']} (seed {r['seed']})" for r, _ in picked]
+        grid = captioned_grid(np.stack([im for _, im in picked]), captions, columns=columns)
+        save_png(grid, storage.join(cfg.out, name))
         out[guidance_key(g)] = name
     return out
 
@@ -100,6 +107,46 @@ def _fid(cfg: Any, images: list[np.ndarray]) -> dict[str, Any]:
     m = cfg.metrics
     real = read_image_folder(m.fid_reference) if m.fid_reference else None
     return metrics.fid(real, images, weights_path=m.fid_weights).as_dict()
+
+
+def results_table(out: str) -> Any:
+    """results.jsonl of OUT_DIR as a pandas DataFrame, a row per image: prompt, seed, guidance, image_file (in
+    OUT_DIR), read (what the checker read from the image), wrong (the attributes it got wrong) and result: pass,
+    fail, or "not checked" (a prompt outside the synthetic vocabulary); plus the image itself (column image,
+    upscaled) when there are at most TABLE_IMAGES_MAX."""
+    import pandas as pd
+    from PIL import Image
+
+    records = [json.loads(line) for line in storage.read_text(storage.join(out, RESULTS_FILE)).splitlines() if line]
+    table = pd.DataFrame({
+        "prompt": [r["prompt"] for r in records], "seed": [r["seed"] for r in records],
+        "guidance": [r["guidance"] for r in records], "image_file": [r["image"] for r in records],
+        "read": [_read_text(r["scores"]) for r in records],
+        "wrong": [", ".join(k for k in checker.ATTRIBUTE_NAMES if r["scores"][k] is False) for r in records],
+        "result": [{True: "pass", False: "fail", None: "not checked"}[r["scores"]["all_correct"]] for r in records]})
+    if len(records) <= TABLE_IMAGES_MAX:
+        images = [Image.open(io.BytesIO(storage.read_bytes(storage.join(out, r["image"])))).convert("RGB")
+                  for r in records]
+        table.insert(4, "image", [_upscaled(image) for image in images])
+    return table
+
+
+def _upscaled(image: Any) -> Any:
+    from PIL import Image
+
+    scale = max(1, -(-_TABLE_TILE // min(image.size)))
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def _read_text(scores: dict[str, Any]) -> str:
+    """What the checker read, in words: "large red circle, top left"; "nothing" when it found no shape."""
+    if not scores["in_vocabulary"]:
+        return "not checked: the prompt is outside the synthetic vocabulary"
+    read = scores["read"]
+    if read is None:
+        return "nothing (no shape found)"
+    words = " ".join(str(read.get(k) or "?") for k in ("size", "color", "shape"))
+    return f"{words}, {str(read.get('position')).replace('_', ' ')}"
 
 
 def read_image_folder(folder: str) -> list[np.ndarray]:

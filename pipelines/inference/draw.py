@@ -5,6 +5,7 @@
     latents = draw_latents(model_fn, schedule, states, masks, empty, seeds, latent_shape, sampler_cfg)
     images = decode_images(vae, latents, manifest.scaling_factor, manifest.shift_factor)  # (N, H, W, 3) uint8
     grid = image_grid(images, columns=len(seeds))
+    grid = captioned_grid(images, prompts_per_image, columns=len(seeds))   # upscaled, each prompt under its tile
 
 Used by the training job's sample previews and by the evaluation job. Pure torch + the encoders:
 no Ray, no DeepSpeed.
@@ -141,6 +142,61 @@ def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
         top, left = pad + r * (h + pad), pad + c * (w + pad)
         grid[top:top + h, left:left + w] = image
     return grid
+
+
+def captioned_grid(images: np.ndarray, captions: Sequence[str], columns: int, min_tile: int = 128,
+                   max_lines: int = 3) -> np.ndarray:
+    """(N, H, W, 3) uint8 and a caption per image -> image_grid of the images upscaled by the smallest whole
+    factor that makes each side >= min_tile (nearest neighbour: the pixels the model drew, only larger), each
+    with its caption below it in black on white, wrapped to the tile's width and cut to max_lines ("..." marks
+    a cut)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if len(captions) != len(images):
+        raise ValueError(f"one caption per image: {len(images)} images, {len(captions)} captions")
+    n, h, w, _ = images.shape
+    scale = max(1, -(-min_tile // min(h, w)))
+    font = ImageFont.load_default(size=max(10, w * scale // 11))  # ~20 characters a line
+    line = font.getbbox("Ag")[3] + 2
+    band = max_lines * line + 4
+    tiles = np.full((n, h * scale + band, w * scale, 3), 255, dtype=np.uint8)  # (N, H', W', 3)
+    tiles[:, :h * scale] = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    for tile, caption in zip(tiles, captions):
+        canvas = Image.fromarray(tile[h * scale:])
+        draw = ImageDraw.Draw(canvas)
+        for k, text in enumerate(_wrap(str(caption), lambda t: draw.textlength(t, font=font), w * scale - 4,
+                                       max_lines)):
+            draw.text((2, 2 + k * line), text, fill=(0, 0, 0), font=font)
+        tile[h * scale:] = np.asarray(canvas)
+    return image_grid(tiles, columns)
+
+
+def _wrap(text: str, width_of: Callable[[str], float], width: float, max_lines: int) -> list[str]:
+    """Greedy word wrap to `width` pixels (a word wider than a line is split), at most max_lines lines."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        while width_of(word) > width and len(word) > 1:  # split an over-long word where it stops fitting
+            cut = next((i for i in range(len(word) - 1, 0, -1) if width_of(word[:i]) <= width), 1)
+            if current:
+                lines.append(current)
+                current = ""
+            lines.append(word[:cut])
+            word = word[cut:]
+        candidate = f"{current} {word}".strip()
+        if current and width_of(candidate) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = candidate
+    if current:
+        lines.append(current)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and width_of(last + "...") > width:
+            last = last[:-1]
+        lines = lines[:max_lines - 1] + [last.rstrip() + "..."]
+    return lines
 
 
 def png_bytes(image: np.ndarray) -> bytes:

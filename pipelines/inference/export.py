@@ -1,7 +1,7 @@
 """The exported model directory: everything needed to draw images, and nothing from the training run.
 
     <model_dir>/
-      model_index.json           format version, weights kind (ema | live), step, latent shape,
+      latentforge_model.json     format version, weights kind (ema | live), step, latent shape,
                                  VAE scaling/shift factors, schedule config, encoder sources, train config
       unet/config.json           UNet.save_pretrained
       unet/model.safetensors
@@ -9,7 +9,9 @@
       vae/                       a copy of the VAE directory when the features used a local one
 
 Written into a temporary sibling and renamed (on local disks) or uploaded file by file with
-model_index.json LAST (object stores): a directory without model_index.json is not a model.
+latentforge_model.json LAST (object stores): a directory without it is not a model. The manifest has a name of
+its own: `model_index.json` is diffusers' pipeline index, which pipelines/inference/diffusers_export.py writes
+into the diffusers-format copy of this directory.
 `load_exported` refuses such a directory with a message that says so.
 """
 
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 
 from model.config import UNetConfig
+from model.encoders import diffusers_component
 from model.schedule import NoiseSchedule, ScheduleConfig
 from model.unet import CONFIG_FILE as UNET_CONFIG_FILE
 from model.unet import WEIGHTS_FILE as UNET_WEIGHTS_FILE
@@ -35,7 +38,8 @@ from pipelines.core import storage
 from pipelines.data.schema import Manifest
 from pipelines.inference.draw import EncoderSources
 
-INDEX_FILE = "model_index.json"
+INDEX_FILE = "latentforge_model.json"
+LEGACY_INDEX_FILE = "model_index.json"  # this manifest's name in exports written before it had its own
 UNET_DIR = "unet"
 VAE_DIR = "vae"
 EMPTY_CAPTION_FILE = "empty_caption.safetensors"
@@ -69,8 +73,8 @@ def write_export(out_dir: str, unet_cfg: UNetConfig, weights: dict[str, torch.Te
         storage.write_bytes(str(local / EMPTY_CAPTION_FILE),
                             storage.read_bytes(storage.join(features_dir, manifest.empty_caption_file)))
         encoders = info.encoders
-        if encoders.vae_source != "tiny":
-            shutil.copytree(encoders.vae_source, local / VAE_DIR)
+        if encoders.vae_source != "tiny":  # the VAE's own folder, also when the source is a whole pipeline
+            shutil.copytree(diffusers_component(encoders.vae_source, VAE_DIR), local / VAE_DIR)
             encoders = dataclasses.replace(encoders, vae_source=VAE_DIR)  # relative to the model dir
         index = {"format": FORMAT, "format_version": FORMAT_VERSION, "weights": info.weights, "step": info.step,
                  "schedule": dataclasses.asdict(info.schedule), "encoders": encoders.to_dict(),
@@ -80,10 +84,12 @@ def write_export(out_dir: str, unet_cfg: UNetConfig, weights: dict[str, torch.Te
                  "mlflow_run_id": info.mlflow_run_id}
         # credentials inside URIs (the train config's, the encoder sources') stay out of the model
         (local / INDEX_FILE).write_text(json.dumps(storage.redact_values(index), indent=1))
-        _publish(local, out_dir)
+        publish(local, out_dir)
 
 
-def _publish(local: Path, out_dir: str) -> None:
+def publish(local: Path, out_dir: str, last: str = INDEX_FILE) -> None:
+    """Put the finished folder `local` at out_dir: renamed into place on a local disk; on an object store uploaded
+    file by file with `last` (the file that makes it a model) removed first and written last."""
     if not storage.is_uri(out_dir):
         target = Path(out_dir)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -97,9 +103,10 @@ def _publish(local: Path, out_dir: str) -> None:
         staging.rename(target)
         shutil.rmtree(old, ignore_errors=True)
         return
-    storage.remove(storage.join(out_dir, INDEX_FILE))  # the old export stops being a model first
-    files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != INDEX_FILE)
-    for path in [*files, local / INDEX_FILE]:
+    for name in sorted({last, LEGACY_INDEX_FILE}):  # the old export stops being a model first
+        storage.remove(storage.join(out_dir, name))
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p.relative_to(local).as_posix() != last)
+    for path in [*files, local / last]:
         storage.write_bytes(storage.join(out_dir, path.relative_to(local).as_posix()), path.read_bytes())
 
 
@@ -128,15 +135,24 @@ class ExportedModel:
 
 
 def load_index(model_dir: str | Path) -> dict[str, Any]:
-    """model_index.json of an exported model, after checking the directory is complete. model_dir is a local
-    path or a URI (s3://...: an evaluation checks a model on object storage before any worker fetches it)."""
+    """The manifest (INDEX_FILE) of an exported model, after checking the directory is complete. model_dir is a
+    local path or a URI (s3://...: an evaluation checks a model on object storage before any worker fetches it)."""
     root = storage.absolute(model_dir).rstrip("/")
     index_path = storage.join(root, INDEX_FILE)
     if not storage.is_dir(root):
         raise FileNotFoundError(f"model directory {root} not found")
     if not storage.is_file(index_path):
-        raise FileNotFoundError(f"{root} is not an exported model: {INDEX_FILE} is missing (it is written last, "
-                                "so the export is missing or was interrupted; rerun jobs/train_unet.py to export)")
+        legacy = storage.join(root, LEGACY_INDEX_FILE)
+        index = storage.read_json(legacy) if storage.is_file(legacy) else {}
+        if index.get("format") == FORMAT:  # written before the manifest had a name of its own
+            index_path = legacy
+        elif index.get("_class_name"):
+            raise FileNotFoundError(f"{root} is a diffusers {index['_class_name']} folder, not an export of this "
+                                    "project: load it with diffusers, or give the export it was made from")
+        else:
+            raise FileNotFoundError(f"{root} is not an exported model: {INDEX_FILE} is missing (it is written "
+                                    "last, so the export is missing or was interrupted; rerun jobs/train_unet.py "
+                                    "to export)")
     index = storage.read_json(index_path)
     if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{index_path}: format {index.get('format')!r} v{index.get('format_version')} is not "

@@ -3,7 +3,13 @@
     model = mlflow.pyfunc.load_model("models:/<name>/<version>")
     images = model.predict(pd.DataFrame({"prompt": ["a red circle"], "seed": [0]}))   # column "png": PNG bytes
 
-Sampling settings come from `params` (sampler, steps, guidance_scale), defaults from SamplerConfig.
+Sampling settings come from `params` (SamplerConfig's fields: name, steps, guidance_scale, ...), defaults from
+SamplerConfig. The model's signature says so (model_signature): input columns prompt (string) and seed (long,
+optional), output columns prompt, seed and png (PNG bytes), and the sampler settings as params.
+
+The registered version's description says what it is and, once jobs/sample_eval.py has evaluated it, what the
+evaluation measured (describe_evaluation rewrites that part after each evaluation); its tags name the training
+run and the features' manifest hash.
 
 Logged from code (MLflow 3's "models from code"): the model is pyfunc_code.py, which MLflow runs at load
 time, with this repository's packages as code_paths; a pickled PythonModel would run whatever the pickle
@@ -12,8 +18,9 @@ holds when loaded, and break on any change to the class.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import mlflow.pyfunc
 
@@ -23,6 +30,9 @@ from pipelines.core.runtime import REPO_ROOT
 PYFUNC_ARTIFACT = "model_dir"
 _PACKAGES = ("model", "pipelines")
 _MODEL_CODE = Path(__file__).with_name("pyfunc_code.py")
+_PARAM_TYPES = {str: "string", int: "long", float: "double", bool: "boolean"}
+EVAL_HEADING = "## Evaluation"  # the description's part that describe_evaluation rewrites
+TRAINING_RUN_TAG = "training_run_id"
 
 
 class TextToImageModel(mlflow.pyfunc.PythonModel):
@@ -39,7 +49,7 @@ class TextToImageModel(mlflow.pyfunc.PythonModel):
 
         prompts = [str(p) for p in model_input["prompt"]]
         seeds = [int(s) for s in model_input["seed"]] if "seed" in model_input else list(range(len(prompts)))
-        sampler = SamplerConfig(**(params or {}))
+        sampler = SamplerConfig(**{k: _plain(v) for k, v in (params or {}).items()})
         states, masks = encode_prompts(self.text, prompts)
         m = self.model
         latents = draw_latents(m.unet, m.schedule, states, masks, m.empty_caption, seeds, m.latent_shape, sampler)
@@ -47,14 +57,87 @@ class TextToImageModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"prompt": prompts, "seed": seeds, "png": [png_bytes(image) for image in images]})
 
 
-def log_pyfunc_model(tracker: Any, model_dir: str, registered_name: str) -> None:
-    """Log model_dir as a pyfunc model in the tracker's run and register it under registered_name."""
+def _plain(value: Any) -> Any:
+    """A param as the Python scalar SamplerConfig checks for (MLflow may hand numpy scalars)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def model_signature() -> Any:
+    """Inputs prompt (string) and seed (long, optional: row numbers by default); outputs prompt, seed, png;
+    params: SamplerConfig's fields with its defaults."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    defaults = SamplerConfig()
+    params = [ParamSpec(f.name, _PARAM_TYPES[type(getattr(defaults, f.name))], getattr(defaults, f.name))
+              for f in dataclasses.fields(SamplerConfig)]
+    return ModelSignature(inputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed", required=False)]),
+                          outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"),
+                                          ColSpec("binary", "png")]),
+                          params=ParamSchema(params))
+
+
+def log_pyfunc_model(tracker: Any, model_dir: str, registered_name: str, description: str = "",
+                     tags: Mapping[str, str] | None = None) -> str:
+    """Log model_dir as a pyfunc model in the tracker's run and register it under registered_name, with
+    `description` and `tags` on the new version; returns the version."""
     import mlflow
 
     mlflow.set_tracking_uri(tracker.settings.tracking_uri)
     with mlflow.start_run(run_id=tracker.run_id):
-        mlflow.pyfunc.log_model(
+        info = mlflow.pyfunc.log_model(
             name="pyfunc_model", python_model=str(_MODEL_CODE), artifacts={PYFUNC_ARTIFACT: model_dir},
             code_paths=[str(REPO_ROOT / p) for p in _PACKAGES], registered_model_name=registered_name,
+            signature=model_signature(),
             # Listed, not inferred: inference imports the model and may try the network.
             pip_requirements=["torch", "safetensors", "diffusers", "open_clip_torch", "pillow", "pandas"])
+    version = str(info.registered_model_version)
+    client = tracker.client
+    if description:
+        client.update_model_version(registered_name, version, description=description)
+    for key, value in {TRAINING_RUN_TAG: tracker.run_id, **(tags or {})}.items():
+        client.set_model_version_tag(registered_name, version, key, str(value))
+    return version
+
+
+def model_description(index: Mapping[str, Any], run_id: str | None, manifest_sha256: str) -> str:
+    """A registered version's description before any evaluation: what was trained, on what, by which run."""
+    return (f"Text-to-image latent diffusion U-Net ({index.get('weights')} weights of step {index.get('step')}), "
+            f"trained by MLflow run {run_id} ({index.get('run_name')}) on the features with manifest sha256 "
+            f"{manifest_sha256}.\n\n{EVAL_HEADING}\n\nNot evaluated yet: run jobs/sample_eval.py on this model "
+            "(its metrics are written here).")
+
+
+def evaluation_text(metrics: Mapping[str, Any], eval_run_id: str | None) -> str:
+    """The description's evaluation part (markdown) from sample_eval's metrics."""
+    lines = [EVAL_HEADING, "", f"MLflow run {eval_run_id}: {metrics.get('images')} images of "
+             f"{metrics.get('prompts')} prompts, {metrics.get('sampler')} sampler, {metrics.get('steps')} steps.", ""]
+    for key, acc in (metrics.get("synthetic_accuracy") or {}).items():
+        overall = (acc.get("overall") or {}).get("all_correct")
+        held_out = (acc.get("held_out") or {}).get("all_correct")
+        lines.append(f"- synthetic accuracy, {key}: all correct {_share(overall)} (held-out pairs "
+                     f"{_share(held_out)}; {acc.get('out_of_vocabulary', 0)} prompts outside the vocabulary)")
+    for key, label in (("clip_score", "CLIP score"), ("fid", "FID")):
+        result = metrics.get(key) or {}
+        value = f"{result['value']:.4g}" if result.get("computed") else f"not computed ({result.get('reason')})"
+        lines.append(f"- {label}: {value}")
+    return "\n".join(lines)
+
+
+def _share(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def describe_evaluation(client: Any, training_run_id: str, metrics: Mapping[str, Any],
+                        eval_run_id: str | None) -> list[tuple[str, str]]:
+    """Every registered version logged by training_run_id gets the evaluation's metrics in its description
+    (replacing an earlier evaluation's) and the tag eval_run_id; returns the (name, version)s updated."""
+    updated = []
+    for version in client.search_model_versions(f"run_id='{training_run_id}'"):
+        base = (version.description or "").split(EVAL_HEADING)[0].rstrip()
+        text = evaluation_text(metrics, eval_run_id)
+        client.update_model_version(version.name, version.version, description=f"{base}\n\n{text}".lstrip())
+        if eval_run_id:
+            client.set_model_version_tag(version.name, version.version, "eval_run_id", eval_run_id)
+        updated.append((version.name, str(version.version)))
+    return updated

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from pipelines.core import storage
 from pipelines.core.config import to_dict
 from pipelines.data import schema
-from pipelines.data.precompute.config import PrecomputeConfig
+from pipelines.data.precompute.config import BucketSettings, PrecomputeConfig
 from pipelines.data.precompute.encode import encode_batch, load_encoders, probe_encoders
 from pipelines.data.precompute.output import build_manifest, write_empty_caption
 from pipelines.synthetic.shapes import caption_for, render, training_attributes
@@ -31,6 +31,8 @@ def write_synthetic_features(output_dir: str, rows: int, shards: int = 1, seed: 
     cfg = cfg or PrecomputeConfig(input_dir="synthetic", output_dir=str(output_dir))
     if image_size is not None:
         cfg = dataclasses.replace(cfg, image_size=image_size)
+    # the shapes are drawn square and their captions say left and right: one square bucket, no flip
+    cfg = dataclasses.replace(cfg, buckets=BucketSettings(max_ratio=1.0), flip=False)
     storage.makedirs(output_dir)
     info = probe_encoders(to_dict(cfg))
     vae, text = load_encoders(cfg)
@@ -43,11 +45,12 @@ def write_synthetic_features(output_dir: str, rows: int, shards: int = 1, seed: 
         captions = [caption_for(a) for a in attrs]
         features = encode_batch(vae, text, pixels, captions)
         keys = [f"{index:05d}{i:04d}" for i in range(len(attrs))]
-        table = schema.to_table(info.shapes, keys, captions, features[schema.LATENT_MEAN],
+        table = schema.to_table(info.feature_shapes(cfg), keys, captions, features[schema.LATENT_MEAN],
                                 features[schema.LATENT_LOGVAR], features[schema.TEXT_STATES],
                                 features[schema.TEXT_LENGTH])
         pq.write_table(table, storage.join(output_dir, schema.shard_name(index)), **schema.PARQUET_WRITE_OPTIONS)
-        finished[index] = {"rows": len(attrs), "rows_in": len(attrs), "source": "synthetic", "dropped": {}}
+        finished[index] = {"rows": len(attrs), "bucket_rows": [len(attrs)], "rows_in": len(attrs),
+                           "source": "synthetic", "dropped": {}}
     write_empty_caption(str(output_dir), info)
     manifest = build_manifest(cfg, info, finished)
     manifest.save(output_dir)

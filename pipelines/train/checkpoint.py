@@ -464,11 +464,19 @@ def load(checkpoint_dir: str, engine: Any, rank: int, world_size: int) -> dict[s
 
 
 def pretrained_weights(location: str) -> dict[str, torch.Tensor]:
-    """The weights of a UNet.save_pretrained folder at a local path or URI (model.init_from); a URI is
-    fetched to a temporary local copy, removed once the weights are in memory."""
-    from model.unet import UNet
+    """The weights of model.init_from's U-Net at a local path or URI (pipelines/train/config.init_from_unet: ours,
+    or diffusers' converted); a URI is fetched to a temporary local copy, removed once the weights are in memory."""
+    from safetensors.torch import load_file
 
-    with storage.local_dir(location) as local:
+    from model.convert import from_diffusers_state
+    from model.unet import UNet
+    from pipelines.train.config import init_from_unet
+
+    found = init_from_unet(location)
+    with storage.local_dir(found.folder) as local:
+        if found.diffusers:
+            state = {k: v.float() for k, v in load_file(Path(local) / found.weights_file).items()}
+            return from_diffusers_state(state, found.config)
         return UNet.from_pretrained(local).state_dict()
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model.config import PRESETS, UNetConfig
+from model.convert import DIFFUSERS_WEIGHTS
 from model.ema import EMAConfig
 from model.samplers import SamplerConfig
 from model.unet import CONFIG_FILE as UNET_CONFIG_FILE
@@ -34,9 +35,11 @@ from pipelines.train.policy import LR_KINDS, LRSchedule, NonFinitePolicy
 class ModelSettings:
     preset: str = "tiny"  # a name in model/config.PRESETS
     overrides: dict[str, Any] = field(default_factory=dict)  # UNetConfig fields replacing the preset's
-    # A UNet.save_pretrained directory to start from (converted SD 1.5 weights, or the previous phase's
-    # <storage_path>/<run>/export/unet), a local path or a URI (s3://...; each worker fetches a temporary
-    # local copy); its config.json replaces the preset, the overrides still apply (e.g. sample_size).
+    # A U-Net to start from, a local path or a URI (s3://...; each worker fetches a temporary local copy): a
+    # UNet.save_pretrained directory (the previous phase's <storage_path>/<run>/export/unet), a diffusers
+    # UNet2DConditionModel folder, or a folder with either under unet/ (an SD 1.x/2.x pipeline folder, an export);
+    # diffusers weights are converted on load (model/convert.py). Its config replaces the preset, the overrides
+    # still apply (e.g. sample_size).
     init_from: str | None = None
     gradient_checkpointing: bool = False
     # NHWC activations: tensor-core GPUs run bf16 convolutions natively in that layout.
@@ -48,7 +51,7 @@ class ModelSettings:
     def unet_config(self) -> UNetConfig:
         """The preset (or init_from's saved config) with the overrides applied."""
         if self.init_from:
-            base = UNetConfig.from_dict(json.loads(_read_init_from(self.init_from, UNET_CONFIG_FILE)))
+            base = init_from_unet(self.init_from).config
         elif self.preset in PRESETS:
             base = PRESETS[self.preset]
         else:
@@ -57,7 +60,42 @@ class ModelSettings:
         return from_dict(UNetConfig, {**dataclasses.asdict(base), **self.overrides}, prefix="model.overrides.")
 
 
-def _read_init_from(init_from: str, name: str, read: bool = True) -> bytes | None:
+@dataclass(frozen=True)
+class InitFromUNet:
+    """Where model.init_from's U-Net is and in which format."""
+
+    folder: str  # init_from itself or its unet/ subfolder
+    diffusers: bool  # a UNet2DConditionModel folder (converted on load) rather than a UNet.save_pretrained one
+    config: UNetConfig
+
+    @property
+    def weights_file(self) -> str:
+        return DIFFUSERS_WEIGHTS if self.diffusers else UNET_WEIGHTS_FILE
+
+
+def init_from_unet(init_from: str) -> InitFromUNet:
+    """Find the U-Net of model.init_from: the folder itself, else its unet/ subfolder; ConfigError if neither."""
+    from model.convert import ConversionError, config_from_diffusers
+
+    folder = init_from
+    if not _has_file(init_from, UNET_CONFIG_FILE) and _has_file(storage.join(init_from, "unet"), UNET_CONFIG_FILE):
+        folder = storage.join(init_from, "unet")
+    values = json.loads(_read_init_from(folder, UNET_CONFIG_FILE))
+    diffusers = values.get("_class_name") == "UNet2DConditionModel"
+    try:
+        config = config_from_diffusers(values) if diffusers else UNetConfig.from_dict(values)
+    except (ConversionError, ValueError, KeyError) as err:
+        raise ConfigError(f"model.init_from: {storage.join(folder, UNET_CONFIG_FILE)}: {_one_line(err)}") from None
+    return InitFromUNet(folder, diffusers, config)
+
+
+def _has_file(folder: str, name: str) -> bool:
+    return _read_init_from(folder, name, read=False, missing_ok=True) is not False
+
+
+def _read_init_from(init_from: str, name: str, read: bool = True, missing_ok: bool = False) -> bytes | None | bool:
+    """A file of model.init_from's folder (its bytes, or None with read=False), or a one-line ConfigError
+    (missing_ok: False for a missing file)."""
     """A file of model.init_from's folder (its bytes, or None with read=False), or a one-line ConfigError."""
     location = storage.join(init_from, name)
     try:
@@ -65,8 +103,11 @@ def _read_init_from(init_from: str, name: str, read: bool = True) -> bytes | Non
             return storage.read_bytes(location) if read else None
     except (OSError, ValueError, ImportError) as err:  # unreachable, access denied, bad URI, no fsspec driver
         raise ConfigError(f"model.init_from: cannot read {location}: {_one_line(err)}") from None
-    raise ConfigError(f"model.init_from: {location} not found (expected a UNet.save_pretrained directory, e.g. "
-                      "a training run's export/unet, or the output of `python -m model.convert from-diffusers`)")
+    if missing_ok:
+        return False
+    raise ConfigError(f"model.init_from: {location} not found (expected a UNet.save_pretrained directory such as "
+                      "a training run's export/unet, a diffusers UNet2DConditionModel folder, or a pipeline folder "
+                      "with one of them under unet/)")
 
 
 def _one_line(err: Exception) -> str:
@@ -116,7 +157,9 @@ class CheckpointSettings:
 
 @dataclass(frozen=True)
 class SamplePreviewSettings:
-    """A grid of samples from the EMA weights, logged to MLflow every `every_steps` (0: only at the end)."""
+    """A grid of samples from the EMA weights, logged to MLflow at step 0 (the untrained baseline), every
+    `every_steps` and at the end (0: only at the end). A row per prompt, a column per seed, prompts written under
+    the tiles."""
 
     every_steps: int = 500
     prompts: tuple[str, ...] = ("a large red circle in the top left", "a small blue square in the center")
@@ -145,6 +188,10 @@ class TrainConfig:
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     samples: SamplePreviewSettings = field(default_factory=SamplePreviewSettings)
     mlflow: MLflowSettings = field(default_factory=MLflowSettings)
+    # What the run exports when it finishes: "latentforge" (<run>/export, always: evaluation and the MLflow model
+    # read it) and "diffusers" (<run>/export-diffusers too: a StableDiffusionPipeline folder,
+    # pipelines/inference/diffusers_export.py), e.g. --set 'export_formats=[latentforge,diffusers]'
+    export_formats: tuple[str, ...] = ("latentforge",)
 
     def lr_schedule(self) -> LRSchedule:
         return LRSchedule(base_lr=self.deepspeed.adamw.lr, warmup_steps=self.lr.warmup_steps,
@@ -159,8 +206,8 @@ class TrainConfig:
 # universal checkpoint with the data re-shared (pipelines/train/checkpoint.py). Everything else is part of
 # the fingerprint a checkpoint is checked against.
 RESUMABLE_CHANGES = ("run_name", "max_steps", "log_every", "storage_path", "max_failures", "checkpoint", "samples",
-                     "mlflow", "scaling.cpus_per_worker", "scaling.placement_strategy", "scaling.num_workers",
-                     "batch.micro_batch")
+                     "mlflow", "export_formats", "scaling.cpus_per_worker", "scaling.placement_strategy",
+                     "scaling.num_workers", "batch.micro_batch")
 
 
 def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
@@ -193,6 +240,19 @@ class LaunchPlan:
     features_dir: str  # absolute or a URI
 
 
+EXPORT_FORMATS = ("latentforge", "diffusers")
+
+
+def _check_export_formats(formats: tuple[str, ...], unet: UNetConfig) -> None:
+    unknown = sorted(set(formats) - set(EXPORT_FORMATS))
+    if unknown or "latentforge" not in formats:
+        raise ConfigError(f"export_formats must list 'latentforge' and optionally 'diffusers', got {list(formats)}")
+    if "diffusers" in formats and unet.text_mask:
+        raise ConfigError("export_formats: a diffusers pipeline attends to every text token, and this U-Net masks "
+                          "the padding (text_mask=true): set model.overrides.text_mask=false, or convert the export "
+                          "later with `python -m pipelines.inference.diffusers_export --drop-text-mask`")
+
+
 def validate_for_launch(cfg: TrainConfig) -> LaunchPlan:
     """Every check that can fail before training starts; raises ConfigError naming the key."""
     for key, value, minimum in (("max_steps", cfg.max_steps, 1), ("log_every", cfg.log_every, 1),
@@ -222,8 +282,10 @@ def validate_for_launch(cfg: TrainConfig) -> LaunchPlan:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     unet = cfg.model.unet_config()
+    _check_export_formats(cfg.export_formats, unet)
     if cfg.model.init_from:  # unet_config read its config.json; the weights must be there too
-        _read_init_from(cfg.model.init_from, UNET_WEIGHTS_FILE, read=False)
+        found = init_from_unet(cfg.model.init_from)
+        _read_init_from(found.folder, found.weights_file, read=False)
     _check_resume_from(cfg.checkpoint.resume_from)
     features_dir = storage.absolute(cfg.features_dir)
     try:
@@ -231,10 +293,12 @@ def validate_for_launch(cfg: TrainConfig) -> LaunchPlan:
         check_manifest_matches(manifest, unet)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"features_dir: {err}") from None
-    rows_per_rank = manifest.total_rows // cfg.scaling.num_workers
+    # a batch is of one aspect-ratio bucket: some bucket must give every worker a whole micro batch
+    rows_per_rank = int((manifest.shard_bucket_rows().sum(axis=0) // cfg.scaling.num_workers).max())
     if rows_per_rank < micro:
-        raise ConfigError(f"features_dir holds {manifest.total_rows} rows: {rows_per_rank} per worker, fewer than "
-                          f"one micro batch of {micro} (lower batch.micro_batch or scaling.num_workers)")
+        raise ConfigError(f"features_dir holds {manifest.total_rows} rows: {rows_per_rank} per worker of its "
+                          f"largest bucket, fewer than one micro batch of {micro} (lower batch.micro_batch or "
+                          f"scaling.num_workers)")
     return LaunchPlan(unet=unet, manifest=manifest, micro_batch=micro, grad_accum_steps=accum,
                       storage_path=storage.absolute(cfg.storage_path), features_dir=features_dir)
 

@@ -20,7 +20,8 @@ from pipelines.core.config import flatten, to_dict
 from pipelines.core.job import Stage
 from pipelines.core.ray_train import build_torch_trainer, fit
 from pipelines.core.runtime import REPO_ROOT, StageReport
-from pipelines.core.tracking import Tracker
+from pipelines.core.tracking import JOB_TAG, Tracker, upstream_links
+from pipelines.data import schema
 from pipelines.train import attempts, checkpoint
 from pipelines.train.config import LaunchPlan, TrainConfig, fingerprint, validate_for_launch
 from pipelines.train.worker import EXPORT_DIR, Launch, train_loop_per_worker
@@ -87,12 +88,18 @@ def prepare_resume(found: str, num_workers: int) -> None:
         log.info("universal checkpoint: %s", checkpoint.prepare_universal(found))
 
 
+def manifest_sha256(plan: LaunchPlan) -> str:
+    """The features' identity: sha256 of their manifest (sorted JSON). Run tag, dataset digest, model version tag."""
+    return hashlib.sha256(json.dumps(plan.manifest.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
 def run_tags(cfg: TrainConfig, plan: LaunchPlan) -> dict[str, str]:
+    """The run's tags: code and package versions, the features it reads and the precompute run that made them."""
     from importlib.metadata import PackageNotFoundError, version
 
-    manifest = json.dumps(plan.manifest.to_dict(), sort_keys=True).encode()
-    tags = {"git_commit": _git_commit(), "dataset_manifest_sha256": hashlib.sha256(manifest).hexdigest(),
-            "features_dir": plan.features_dir, "run_dir": run_dir(cfg)}
+    tags = {JOB_TAG: "train_unet", "git_commit": _git_commit(), "dataset_manifest_sha256": manifest_sha256(plan),
+            "features_dir": plan.features_dir, "run_dir": run_dir(cfg),
+            **upstream_links([storage.join(plan.features_dir, schema.REPORT_FILE)])}
     for package in _VERSIONED:
         try:
             tags[f"version.{package}"] = version(package)
@@ -137,6 +144,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     tracker = Tracker.open(cfg.mlflow, cfg.run_name, tags=run_tags(cfg, plan))
     tracker.log_params(flatten(to_dict(cfg)), step=resumed_step)  # a setting changed on a resume: from that step
     tracker.log_dict(to_dict(cfg), "config.json")
+    tracker.log_dataset(plan.features_dir.rstrip("/").rsplit("/", 1)[-1],
+                        storage.join(plan.features_dir, schema.MANIFEST_FILE), manifest_sha256(plan))
     launch = Launch(features_dir=plan.features_dir, run_dir=directory, micro_batch=plan.micro_batch,
                     grad_accum_steps=plan.grad_accum_steps, mlflow=to_dict(tracker.settings),
                     mlflow_run_id=tracker.run_id, launch_id=attempts.new_launch_id())
@@ -148,7 +157,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         raise TrainingError(f"training run {cfg.run_name} failed: {err}") from err
     restarts = _restarts(directory, launch.launch_id)
     export_dir = storage.join(directory, EXPORT_DIR)
-    publish_model(tracker, export_dir, cfg.mlflow.registered_model)
+    publish_model(tracker, export_dir, cfg.mlflow.registered_model, manifest_sha256(plan))
     metrics = result.metrics or {}
     tracker.log_metrics({"restarts": restarts}, step=int(metrics.get("step", cfg.max_steps)))
     outcome = TrainResult(run_dir=directory, export_dir=export_dir, steps=int(metrics.get("step", cfg.max_steps)),
@@ -180,16 +189,21 @@ def _restarts(directory: str, launch_id: str) -> int:
     return restarts
 
 
-def publish_model(tracker: Tracker, export_dir: str, registered_model: str | None) -> None:
-    """The exported model as run artifacts ('model/'), and as a registered MLflow pyfunc model if asked."""
+def publish_model(tracker: Tracker, export_dir: str, registered_model: str | None, manifest_sha256: str) -> None:
+    """The exported model as run artifacts ('model/'), and as a registered MLflow pyfunc model if asked: its
+    version described (what, by which run, on which features) and tagged with the training run and the
+    features' manifest hash."""
     if not tracker.active:
         return
     with storage.local_dir(export_dir) as local:  # MLflow uploads local files
         tracker.log_artifacts(local, "model")
         if registered_model and tracker.run_id:  # None: MLflow still unreachable
-            from pipelines.inference.mlflow_model import log_pyfunc_model
+            from pipelines.inference.export import load_index
+            from pipelines.inference.mlflow_model import log_pyfunc_model, model_description
 
-            tracker.call("register the model", log_pyfunc_model, tracker, local, registered_model)
+            description = model_description(load_index(local), tracker.run_id, manifest_sha256)
+            tracker.call("register the model", log_pyfunc_model, tracker, local, registered_model, description,
+                         {"dataset_manifest_sha256": manifest_sha256})
 
 
 def report_path(cfg: TrainConfig) -> str:

@@ -3,6 +3,10 @@
     grid = PreviewGrid(cfg.samples, manifest, rank, world_size, device)   # before the first step
     image = grid.draw(module, schedule, empty_caption, dtype)             # every rank; rank 0 gets the grid
 
+The grid has a row per prompt and a column per seed, upscaled to tiles of >= 128 px with each prompt written
+under its tile (captioned_grid). The worker draws one at step 0 (the untrained baseline), then every
+samples.every_steps and at the end.
+
 Made once, before training: every rank encodes the prompts on its device and frees the text encoder,
 and rank 0 loads the VAE decoder on its device. An encoder path recorded at precompute that is missing
 on a node therefore fails the run before its first step, not at the first preview hours later.
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipelines.inference.draw import EncoderSources, decode_images, draw_latents, encode_prompts, image_grid
+from pipelines.inference.draw import EncoderSources, captioned_grid, decode_images, draw_latents, encode_prompts
 
 if TYPE_CHECKING:
     from model.schedule import NoiseSchedule
@@ -68,5 +72,6 @@ class PreviewGrid:
             return None
         images = decode_images(self.vae, latents[:self.rows], self.manifest.scaling_factor,
                                self.manifest.shift_factor)  # (P*S, H, W, 3)
-        return image_grid(images, columns=len(self.samples.seeds))
+        captions = [self.samples.prompts[i // len(self.samples.seeds)] for i in range(self.rows)]
+        return captioned_grid(images, captions, columns=len(self.samples.seeds))
 

@@ -20,8 +20,10 @@ from typing import Any, Iterator
 import torch
 
 from model.unet import UNet
+from pipelines.core import quiet
 from pipelines.core.config import from_dict
 from pipelines.core.progress import Progress
+from pipelines.core.runtime import setup_logging
 from pipelines.core.tracking import MLflowSettings, Tracker
 from pipelines.data.loader import (
     BATCH_TEXT_MASK,
@@ -65,7 +67,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker."""
     import ray.train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()  # after Ray Train's own logging setup of this worker, which resets the levels quiet sets
     cfg = from_dict(TrainConfig, config["train"])
     launch = Launch(**config["launch"])
     context = ray.train.get_context()
@@ -109,7 +111,8 @@ def build_engine(cfg: TrainConfig, micro_batch: int, grad_accum_steps: int, worl
     ds_config = build_deepspeed_config(cfg.deepspeed, micro_batch, grad_accum_steps, world_size)
     if load_universal:
         ds_config["checkpoint"] = {"load_universal": True}
-    engine, *_ = deepspeed.initialize(model=unet, model_parameters=list(unet.parameters()), config=ds_config)
+    with quiet.library_prints():
+        engine, *_ = deepspeed.initialize(model=unet, model_parameters=list(unet.parameters()), config=ds_config)
     if cfg.model.compile:
         engine.compile(backend=cfg.model.compile)  # compiles engine.module in place: same state-dict keys
     return engine
@@ -196,6 +199,8 @@ class Worker:
             log.info("training steps %d..%d: %d workers x micro batch %d x %d accumulation = global batch %d",
                      self.start_step, cfg.max_steps, self.world_size, self.launch.micro_batch,
                      self.launch.grad_accum_steps, cfg.batch.global_batch)
+        if self.start_step == 0 and cfg.samples.every_steps:
+            self._preview(0)  # the untrained baseline, what every later grid is seen against
         for step in range(self.start_step, cfg.max_steps):
             stats = self.train_step(step, stream)
             done = step + 1
@@ -227,6 +232,17 @@ class Worker:
         import ray.train
         from ray.train import Checkpoint
 
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            self.save_checkpoint(tmp, done)
+            metrics = {"step": done, **{k: v for k, v in self.last_stats.items() if v == v}}
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint.checkpoint_dir_name(done))
+        if self.rank == 0:
+            log.info("checkpoint of step %d saved", done)
+
+    def save_checkpoint(self, directory: str, done: int) -> None:
+        """This rank's part of the checkpoint after step `done`, into a local directory (collective: DeepSpeed
+        saves every rank's shard). _checkpoint hands it to Ray Train."""
         loader_state = self.stream.state_dict() if self.stream is not None else self.loader.state_dict()
         # Every rank saves its own shard of the EMA (the fp32 masters it owns).
         state = {"loader": loader_state, "guard": self.guard.state_dict(),
@@ -236,13 +252,7 @@ class Worker:
             meta = {"world_size": self.world_size, "fingerprint": fingerprint(self.cfg),
                     "config": self.launch_config(), "mlflow_run_id": self.launch.mlflow_run_id,
                     "saved_at": time.time()}
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            checkpoint.save(tmp, self.engine, self.rank, done, state, meta)
-            metrics = {"step": done, **{k: v for k, v in self.last_stats.items() if v == v}}
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=checkpoint.checkpoint_dir_name(done))
-        if self.rank == 0:
-            log.info("checkpoint of step %d saved", done)
+        checkpoint.save(directory, self.engine, self.rank, done, state, meta)
 
     def launch_config(self) -> dict[str, Any]:
         from pipelines.core.config import to_dict
@@ -297,6 +307,13 @@ class Worker:
         write_export(f"{self.launch.run_dir}/{EXPORT_DIR}", cfg.model.unet_config(),
                      {k: v.float() for k, v in weights.items()}, info, self.launch.features_dir, manifest)
         log.info("exported the %s weights to %s/%s", info.weights, self.launch.run_dir, EXPORT_DIR)
+        if "diffusers" in cfg.export_formats:
+            from pipelines.core import storage
+            from pipelines.inference.diffusers_export import DIFFUSERS_EXPORT_DIR, write_diffusers
+
+            with storage.local_dir(f"{self.launch.run_dir}/{EXPORT_DIR}") as local:
+                write_diffusers(local, f"{self.launch.run_dir}/{DIFFUSERS_EXPORT_DIR}")
+            log.info("wrote the diffusers pipeline folder %s/%s", self.launch.run_dir, DIFFUSERS_EXPORT_DIR)
 
     def close(self) -> None:
         self.close_stream()

@@ -56,7 +56,8 @@ from pipelines.core.config import ConfigError, config_differences, flatten, to_d
 from pipelines.core.job import Stage
 from pipelines.core.ray_train import RunStoppedError, build_torch_trainer, fit
 from pipelines.core.runtime import StageReport
-from pipelines.core.tracking import MLflowSettings, Tracker
+from pipelines.core.tracking import JOB_TAG, MLflowSettings, Tracker, upstream_links
+from pipelines.data.filter.config import REPORT_FILE as FILTER_REPORT
 from pipelines.vae.config import TrainVAEConfig, check_inputs
 from pipelines.vae.model import REPORT_FILE
 from pipelines.vae.worker import CHECKPOINT_CONFIG_FILE, intact_checkpoint, train_loop_per_worker
@@ -139,7 +140,8 @@ def train_vae(cfg: TrainVAEConfig) -> dict[str, Any]:
                  "the MLflow run are left as they are; raise train.steps to train longer", cfg.run_name, step,
                  cfg.train.steps, storage.absolute(cfg.output_dir))
         return {**done, "outcome": ALREADY_FINISHED}
-    tracker = Tracker.open(cfg.mlflow, cfg.run_name, tags={"latentforge.job": "train_vae"})
+    tracker = Tracker.open(cfg.mlflow, cfg.run_name, tags={
+        JOB_TAG: "train_vae", **upstream_links([storage.join(cfg.input_dir, FILTER_REPORT)])})
     cfg = resolved(cfg, tracker.settings)
     tracker.log_params(flatten(to_dict(cfg)), step=step)  # a setting changed on a resume: from that step
     tracker.log_dict(to_dict(cfg), "train_vae_config.json")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from pipelines.core import storage
 from pipelines.core.compute import ActorPool
 from pipelines.core.config import ConfigError
+from pipelines.core.tracking import MLflowSettings
 
 REPORT_FILE = "filter_report.json"
 
@@ -26,9 +27,11 @@ REASONS = (
 @dataclass(frozen=True)
 class ImageChecks:
     min_side: int = 64  # pixels; applied to the stored image AND the original size in the json
-    max_aspect: float = 3.0  # long side / short side
-    # img2dataset's center_crop stores square images: the json's original_width/height is then the
-    # only place an extreme aspect or an upscaled thumbnail shows. Falls back to the stored size.
+    # long side / short side: extreme panoramas and strips are dropped (aspect_ratio) before precompute puts
+    # the rest into aspect-ratio buckets, whose widest is buckets.max_ratio (a wider image is cropped to it)
+    max_aspect: float = 3.0
+    # The json's original_width/height: an upscaled thumbnail shows only there (and with the download's
+    # center_crop, an extreme aspect too). Falls back to the stored size.
     use_original_size: bool = True
 
     def __post_init__(self) -> None:
@@ -94,6 +97,7 @@ class FilterConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     clip: ClipFilter = field(default_factory=ClipFilter)
     compute: FilterCompute = field(default_factory=FilterCompute)
+    mlflow: MLflowSettings = field(default_factory=MLflowSettings)  # where the report is logged as a run
 
 
 def _require(condition: bool, message: str) -> None:

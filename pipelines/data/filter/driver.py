@@ -29,7 +29,7 @@ log = logging.getLogger("latentforge.filter")
 def fingerprint(cfg: FilterConfig, inputs: DownloadShards) -> str:
     """Identity of an output: the input shards (name, size, mtime) and every filter setting;
     compute and force are left out because they do not change which rows are kept."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("output_dir", "force", "compute")}
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("output_dir", "force", "compute", "mlflow")}
     if cfg.clip.enabled:
         stat = os.stat(cfg.clip.weights)
         settings["clip_weights_file"] = [stat.st_size, stat.st_mtime_ns]
@@ -175,4 +175,5 @@ def run_filter(cfg: FilterConfig) -> StageReport:
     return report
 
 
-STAGE = Stage(STAGE_NAME, FilterConfig, run=run_filter, report_path=report_path, check=check_stage_inputs)
+STAGE = Stage(STAGE_NAME, FilterConfig, run=run_filter, report_path=report_path, check=check_stage_inputs,
+              upstream_reports=lambda cfg: (storage.join(cfg.input_dir, DOWNLOAD_REPORT),))

@@ -12,6 +12,8 @@ from pipelines.core import storage
 from pipelines.core.config import to_dict
 from pipelines.core.job import Stage
 from pipelines.core.runtime import StageReport
+from pipelines.data.buckets import bucket_name
+from pipelines.data.filter.config import REPORT_FILE as FILTER_REPORT
 from pipelines.data.precompute.config import PrecomputeConfig, report_path
 from pipelines.data.precompute.encode import BUSY_SECONDS, EncoderActor, encoder_info, start_probe
 from pipelines.data.precompute.output import (
@@ -37,7 +39,8 @@ def build_dataset(cfg: PrecomputeConfig, inputs: list[InputShard], pending: list
     ds = ray.data.from_items(items, override_num_blocks=len(items))  # one read task per tar
     ds = ds.map_batches(read_and_decode, batch_size=1, batch_format="numpy",
                         fn_kwargs={"input_dir": cfg.input_dir, "image_size": cfg.image_size,
-                                   "chunk": c.batch_size, "text_model": cfg.text.model},
+                                   "chunk": c.batch_size, "text_model": cfg.text.model,
+                                   "buckets": [list(b) for b in cfg.bucket_list()]},
                         compute=ray.data.TaskPoolStrategy(size=c.read_concurrency), num_cpus=c.read_num_cpus)
     return ds.map_batches(EncoderActor, batch_size=c.batch_size, batch_format="numpy",
                           fn_constructor_kwargs={"config": to_dict(cfg)},
@@ -65,7 +68,7 @@ def run_pending(cfg: PrecomputeConfig, assembler: ShardAssembler, inputs: list[I
 
 
 def _fill_report(report: StageReport, finished: dict[int, dict[str, Any]], written: list[dict[str, Any]],
-                 removed: int, timings: dict[str, Any], context_length: int) -> None:
+                 removed: int, timings: dict[str, Any], context_length: int, buckets: tuple) -> None:
     """Counts over every finished shard (also those of earlier runs); timings of this run only."""
     for provenance in finished.values():
         report.rows_in += provenance["rows_in"]
@@ -78,6 +81,9 @@ def _fill_report(report: StageReport, finished: dict[int, dict[str, Any]], writt
         # kept rows whose caption the text encoder cut to its context length (tokens past it never seen)
         "captions_truncated": sum(p.get("captions_truncated", 0) for p in finished.values()),
         "text_context_length": context_length,
+        # rows per aspect-ratio bucket ("HxW" in pixels), over every finished shard
+        "bucket_rows": {bucket_name(b): sum(p["bucket_rows"][i] for p in finished.values())
+                        for i, b in enumerate(buckets)},
         "shards_damaged": [{"name": p["source"], **p["damaged"]} for _, p in sorted(finished.items())
                            if p.get("damaged")],
         # what was consumed, by content: the sha256 the filter computed while writing each shard
@@ -124,7 +130,8 @@ def run_precompute(cfg: PrecomputeConfig) -> StageReport:
     info = encoder_info(probe)
     finished = finished_shards(cfg.output_dir)
     build_manifest(cfg, info, finished).save(cfg.output_dir)
-    _fill_report(report, finished, assembler.committed, len(vanished), timings, info.text_shape[0])
+    _fill_report(report, finished, assembler.committed, len(vanished), timings, info.text_shape[0],
+                 cfg.bucket_list())
     report.details["output_dir"] = cfg.output_dir
     return report
 
@@ -137,4 +144,5 @@ def _validated(cfg: PrecomputeConfig) -> PrecomputeConfig:
 
 
 STAGE = Stage("precompute", PrecomputeConfig, run=run_precompute, report_path=report_path, check=_validated,
-              ray_cpus=lambda cfg: cfg.ray_num_cpus)
+              ray_cpus=lambda cfg: cfg.ray_num_cpus,
+              upstream_reports=lambda cfg: (storage.join(cfg.input_dir, FILTER_REPORT),))

@@ -13,7 +13,7 @@ import numpy as np
 from pipelines.core.config import from_dict, to_dict
 from pipelines.data import schema
 from pipelines.data.precompute.config import PrecomputeConfig
-from pipelines.data.precompute.rows import DROP_REASON, IMAGE, NON_FINITE_LATENTS, NON_FINITE_TEXT
+from pipelines.data.precompute.rows import DROP_REASON, IMAGE, NON_FINITE_LATENTS, NON_FINITE_TEXT, ragged
 
 log = logging.getLogger("latentforge.precompute")
 
@@ -26,14 +26,14 @@ class EncoderInfo:
 
     vae: dict[str, Any]  # spec_dict(VAESpec)
     text_encoder: dict[str, Any]  # spec_dict(TextEncoderSpec)
-    latent_shape: tuple[int, int, int]  # (C, h, w)
+    latent_shape: tuple[int, int, int]  # (C, h, w) of the square bucket
     text_shape: tuple[int, int]  # (L, D)
     empty_states: np.ndarray  # (L, D) float16
     empty_mask: np.ndarray  # (L,) bool
 
-    @property
-    def shapes(self) -> schema.FeatureShapes:
-        return schema.FeatureShapes(self.latent_shape, self.text_shape)
+    def feature_shapes(self, cfg: PrecomputeConfig) -> schema.FeatureShapes:
+        """The shapes of the rows these encoders make under cfg (its image size, buckets and flip)."""
+        return schema.FeatureShapes(self.latent_shape, self.text_shape, cfg.image_size, cfg.bucket_list(), cfg.flip)
 
 
 LOAD_ATTEMPTS = 3  # an encoder load is retried: a shared file system or a node's disk may fail once
@@ -76,29 +76,51 @@ def load_encoders(cfg: PrecomputeConfig):
         f"{' '.join(str(error).split())}") from error
 
 
-def encode_batch(vae, text, images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]:
-    """images (B, 3, S, S) in [-1, 1], captions -> feature arrays, already in the stored dtype."""
+def encode_batch(vae, text, images: np.ndarray, captions: list[str], flip: bool = False) -> dict[str, np.ndarray]:
+    """images (B, 3, H, W) in [-1, 1] (one bucket), captions -> feature arrays, already in the stored dtype;
+    with flip also the moments of the images flipped left-right."""
     import torch
 
-    mean, logvar = vae.encode(torch.from_numpy(images))  # (B, C, h, w) each
-    states, mask = text(captions)  # (B, L, D), (B, L)
+    pixels = torch.from_numpy(np.ascontiguousarray(images))
     stored = schema.FEATURE_DTYPE
-    return {
-        schema.LATENT_MEAN: mean.cpu().numpy().astype(stored),
-        schema.LATENT_LOGVAR: logvar.cpu().numpy().astype(stored),
-        schema.TEXT_STATES: states.cpu().numpy().astype(stored),
-        schema.TEXT_LENGTH: mask.sum(dim=1).cpu().numpy().astype(np.int16),
-    }
+    moments = {(schema.LATENT_MEAN, schema.LATENT_LOGVAR): pixels}
+    if flip:
+        moments[(schema.LATENT_MEAN_FLIPPED, schema.LATENT_LOGVAR_FLIPPED)] = pixels.flip(-1)
+    out = {}
+    for (mean_name, logvar_name), batch in moments.items():
+        mean, logvar = vae.encode(batch)  # (B, C, h, w) each
+        out[mean_name], out[logvar_name] = mean.cpu().numpy().astype(stored), logvar.cpu().numpy().astype(stored)
+    states, mask = text(captions)  # (B, L, D), (B, L)
+    out[schema.TEXT_STATES] = states.cpu().numpy().astype(stored)
+    out[schema.TEXT_LENGTH] = mask.sum(dim=1).cpu().numpy().astype(np.int16)
+    return out
 
 
-def non_finite_reasons(features: dict[str, np.ndarray]) -> np.ndarray:
-    """Per row: "" when every stored value is finite, else the drop reason. Checked after the cast
-    to float16, so values that overflow it (|x| > 65504) count as non-finite too."""
+def encode_rows(vae, text, images: list[np.ndarray], captions: list[str], flip: bool) -> dict[str, list[np.ndarray]]:
+    """Rows of any buckets -> per-row feature arrays, encoded one bucket (one image shape) at a time."""
+    out: dict[str, list] = {}
+    shapes = [image.shape for image in images]
+    for shape in sorted(set(shapes)):
+        rows = [i for i, s in enumerate(shapes) if s == shape]
+        encoded = encode_batch(vae, text, np.stack([images[i] for i in rows]), [captions[i] for i in rows], flip)
+        for name, values in encoded.items():
+            column = out.setdefault(name, [None] * len(images))
+            for i, value in zip(rows, values):
+                column[i] = value
+    return out
+
+
+def non_finite_reasons(features: dict[str, Any]) -> np.ndarray:
+    """Per row: "" when every stored value is finite, else the drop reason. Each feature is a (B, ...) array or
+    B per-row arrays. Checked after the cast to float16, so values that overflow it (|x| > 65504) count as
+    non-finite too."""
     def finite(name: str) -> np.ndarray:
-        values = features[name]
-        return np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        return np.array([bool(np.isfinite(row).all()) for row in features[name]], dtype=bool)
 
     latents_ok = finite(schema.LATENT_MEAN) & finite(schema.LATENT_LOGVAR)
+    for name in (schema.LATENT_MEAN_FLIPPED, schema.LATENT_LOGVAR_FLIPPED):
+        if name in features:
+            latents_ok &= finite(name)
     text_ok = finite(schema.TEXT_STATES)
     return np.where(latents_ok, np.where(text_ok, "", NON_FINITE_TEXT), NON_FINITE_LATENTS).astype(object)
 
@@ -109,29 +131,38 @@ class EncoderActor:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = from_dict(PrecomputeConfig, config)  # configs travel as plain dicts
         self.vae, self.text = load_encoders(cfg)
-        self.latent_shape = self.vae.latent_shape(cfg.image_size, cfg.image_size)
+        self.flip = cfg.flip
         self.text_shape = (self.text.context_length, self.text.width)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rows of any buckets in, per row its bucket's features out: a (B, ...) column where the batch has one
+        bucket, else B arrays (see rows.ragged). A dropped row keeps zeros (it is never written)."""
         start = time.perf_counter()
-        images = batch.pop(IMAGE)
+        images = list(batch.pop(IMAGE))  # B arrays (3, H, W)
         reasons = np.asarray(batch[DROP_REASON], dtype=object).copy()  # object: fixed-width str truncates
-        ok = reasons == ""
-        features = self._zeros(len(reasons))  # dropped rows keep zeros: they are never written
-        if ok.any():
-            encoded = encode_batch(self.vae, self.text, images[ok], [str(c) for c in batch[schema.CAPTION][ok]])
+        ok = np.flatnonzero(reasons == "")
+        captions = [str(c) for c in batch[schema.CAPTION]]
+        features = {name: [np.zeros(self._latent_shape(image), schema.FEATURE_DTYPE) for image in images]
+                    for name in self._latent_columns()}
+        features[schema.TEXT_STATES] = [np.zeros(self.text_shape, schema.FEATURE_DTYPE)] * len(images)
+        features[schema.TEXT_LENGTH] = [np.int16(0)] * len(images)
+        if len(ok):
+            encoded = encode_rows(self.vae, self.text, [images[i] for i in ok], [captions[i] for i in ok], self.flip)
             for name, values in encoded.items():
-                features[name][ok] = values
+                for i, value in zip(ok, values):
+                    features[name][i] = value
             reasons[ok] = non_finite_reasons(encoded)
         busy = np.full(len(reasons), (time.perf_counter() - start) / max(len(reasons), 1))
-        return {**batch, **features, DROP_REASON: reasons, BUSY_SECONDS: busy}
+        columns = {name: ragged(values) for name, values in features.items()}
+        columns[schema.TEXT_LENGTH] = np.asarray(features[schema.TEXT_LENGTH], dtype=np.int16)
+        return {**batch, **columns, DROP_REASON: reasons, BUSY_SECONDS: busy}
 
-    def _zeros(self, n: int) -> dict[str, np.ndarray]:
-        stored = schema.FEATURE_DTYPE
-        return {schema.LATENT_MEAN: np.zeros((n, *self.latent_shape), stored),
-                schema.LATENT_LOGVAR: np.zeros((n, *self.latent_shape), stored),
-                schema.TEXT_STATES: np.zeros((n, *self.text_shape), stored),
-                schema.TEXT_LENGTH: np.zeros((n,), np.int16)}
+    def _latent_columns(self) -> tuple[str, ...]:
+        flipped = (schema.LATENT_MEAN_FLIPPED, schema.LATENT_LOGVAR_FLIPPED) if self.flip else ()
+        return (schema.LATENT_MEAN, schema.LATENT_LOGVAR, *flipped)
+
+    def _latent_shape(self, image: np.ndarray) -> tuple[int, int, int]:
+        return self.vae.latent_shape(image.shape[1], image.shape[2])
 
 
 def probe_encoders(config: dict[str, Any]) -> EncoderInfo:

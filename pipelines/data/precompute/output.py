@@ -31,6 +31,7 @@ from pipelines.data.precompute.rows import (
     ROWS_LOST,
     SHARD,
     UNREADABLE_SHARD,
+    row_arrays,
 )
 
 log = logging.getLogger("latentforge.precompute")
@@ -76,7 +77,8 @@ def run_spec(cfg: PrecomputeConfig, info: EncoderInfo) -> dict[str, Any]:
     """What must be equal for two shards to belong in one feature directory."""
     return {"format_version": schema.FORMAT_VERSION, "image_size": cfg.image_size,
             "vae_id": info.vae["id"], "text_encoder_id": info.text_encoder["id"],
-            "latent_shape": list(info.latent_shape), "text_shape": list(info.text_shape)}
+            "latent_shape": list(info.latent_shape), "text_shape": list(info.text_shape),
+            "buckets": [list(b) for b in cfg.bucket_list()], "flip": cfg.flip}
 
 
 def read_provenance(location: str) -> dict[str, Any]:
@@ -110,7 +112,9 @@ def check_compatible(spec: dict[str, Any], finished: dict[int, dict[str, Any]], 
         found = {"format_version": manifest.get("format_version"), "image_size": manifest.get("image_size"),
                  "vae_id": manifest.get("vae", {}).get("id"),
                  "text_encoder_id": manifest.get("text_encoder", {}).get("id"),
-                 "latent_shape": manifest.get("latent_shape"), "text_shape": manifest.get("text_shape")}
+                 "latent_shape": manifest.get("latent_shape"), "text_shape": manifest.get("text_shape"),
+                 "buckets": manifest.get("buckets") or [[manifest.get("image_size")] * 2],
+                 "flip": manifest.get("flip", False)}
         problems += [f"{schema.MANIFEST_FILE} {d}" for d in config_differences(found, spec)]
     if problems:
         shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
@@ -176,6 +180,8 @@ class ShardAssembler:
             if shard in self.done:  # a row resent by a retried task after its shard was committed
                 continue
             part = {name: values[shards == shard] for name, values in batch.items()}
+            for name in self.shapes.latent_columns():  # B arrays: shards mix buckets, so their shapes
+                part[name] = row_arrays(part[name])
             self.parts.setdefault(shard, []).append(part)
             self.ordinals.setdefault(shard, set()).update(part[ORDINAL].tolist())
             if part[LAST].any():
@@ -199,8 +205,9 @@ class ShardAssembler:
         kept = reasons == ""
         provenance = {**self.spec, "source": self.inputs[shard].name, "source_sha256": self.inputs[shard].sha256,
                       **_counts(rows, reasons, kept, context_length=self.shapes.text[0])}
-        table = self._table(rows, kept).replace_schema_metadata(
-            {schema.SHARD_PROVENANCE_KEY: json.dumps(provenance).encode()})
+        table = self._table(rows, kept)
+        provenance["bucket_rows"] = schema.bucket_counts(table, self.shapes)
+        table = table.replace_schema_metadata({schema.SHARD_PROVENANCE_KEY: json.dumps(provenance).encode()})
         # the commit: the final name appears only when the file is complete
         with storage.atomic_output(storage.join(self.output_dir, schema.shard_name(shard))) as stream:
             pq.write_table(table, stream, **schema.PARQUET_WRITE_OPTIONS)
@@ -213,10 +220,14 @@ class ShardAssembler:
     def _table(self, rows: dict[str, np.ndarray], kept: np.ndarray) -> pa.Table:
         if not rows:
             return self.shapes.arrow_schema().empty_table()
+        flipped = (rows[schema.LATENT_MEAN_FLIPPED][kept], rows[schema.LATENT_LOGVAR_FLIPPED][kept]) \
+            if self.shapes.flip else None
         return schema.to_table(
             self.shapes, [str(k) for k in rows[schema.KEY][kept]], [str(c) for c in rows[schema.CAPTION][kept]],
             rows[schema.LATENT_MEAN][kept], rows[schema.LATENT_LOGVAR][kept],
-            rows[schema.TEXT_STATES][kept], rows[schema.TEXT_LENGTH][kept])
+            rows[schema.TEXT_STATES][kept], rows[schema.TEXT_LENGTH][kept],
+            buckets=np.stack([rows[schema.BUCKET_HEIGHT][kept], rows[schema.BUCKET_WIDTH][kept]], axis=1),
+            flipped=flipped)
 
 
 def _counts(rows: dict[str, np.ndarray], reasons: np.ndarray, kept: np.ndarray,
@@ -245,12 +256,12 @@ def _merge_parts(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def build_manifest(cfg: PrecomputeConfig, info: EncoderInfo, finished: dict[int, dict[str, Any]]) -> schema.Manifest:
-    shards = tuple({"name": schema.shard_name(i), "rows": p["rows"], "rows_in": p["rows_in"],
-                    "source": p["source"], "source_sha256": p.get("source_sha256")}
+    shards = tuple({"name": schema.shard_name(i), "rows": p["rows"], "bucket_rows": p["bucket_rows"],
+                    "rows_in": p["rows_in"], "source": p["source"], "source_sha256": p.get("source_sha256")}
                    for i, p in sorted(finished.items()))
     return schema.Manifest(
         image_size=cfg.image_size, latent_shape=info.latent_shape, text_shape=info.text_shape,
-        vae=info.vae, text_encoder=info.text_encoder, shards=shards,
+        vae=info.vae, text_encoder=info.text_encoder, shards=shards, buckets=cfg.bucket_list(), flip=cfg.flip,
         extra={"input_dir": cfg.input_dir, "config": _recorded_config(cfg)})
 
 
@@ -258,6 +269,7 @@ def _recorded_config(cfg: PrecomputeConfig) -> dict[str, Any]:
     """The config as the manifest records it: a local VAE directory made absolute, so trainers and
     evaluators started from another working directory rebuild the same encoders from it."""
     config = to_dict(cfg)
+    del config["mlflow"]  # where the report is logged is no part of what the features are
     source = cfg.vae.source
     if source != "tiny":  # a local directory (validate refuses URIs)
         config["vae"]["source"] = str(Path(source).resolve())
@@ -283,4 +295,4 @@ def prepare_output(cfg: PrecomputeConfig, info: EncoderInfo, changes: bool,
     write_empty_caption(cfg.output_dir, info)
     log.info("output %s checked against vae %s and text encoder %s; %d stale temporary files removed",
              cfg.output_dir, info.vae["id"], info.text_encoder["id"], removed)
-    return spec, info.shapes
+    return spec, info.feature_shapes(cfg)
