@@ -1,6 +1,8 @@
 """Evaluate a trained model by the images it draws: batch sampling on a Ray Data actor pool, then metrics.
 
-Draws one image per prompt x seed x guidance scale (DPM-Solver++ by default), writes OUT_DIR/images/NNNNN.png,
+Draws one image per prompt x seed x guidance scale with the model's own recommended sampling settings (sampler,
+steps, guidance scale, guidance rescale: written at export from the training config's samples.sampler; any
+sampling.* setting given here overrides its one value), writes OUT_DIR/images/NNNNN.png,
 OUT_DIR/results.jsonl (prompt, seed, guidance, sampler, steps, image, scores), OUT_DIR/grids/ (one grid per
 guidance scale) and OUT_DIR/metrics.json, and logs them to an MLflow run nested under the training run.
 Metrics: synthetic-caption accuracy (a pixel checker reads colour, shape, size and position back; seen and

@@ -38,6 +38,11 @@ class SamplerConfig:
     name: "ddim" | "dpmpp_2m" | "euler". timestep_spacing / steps_offset: as diffusers (the
     offset only shifts "leading" timesteps; SD 1.x configs use "leading" with steps_offset=1).
     guidance_scale: classifier-free guidance weight; 1 means a single unguided model call.
+    guidance_rescale: phi of Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", sec. 3.4), diffusers' `guidance_rescale`: the guided output is rescaled to the per-sample
+    std of the conditional one and blended with itself, phi * rescaled + (1 - phi) * guided. Counters
+    the over-exposure of high guidance (notably with zero terminal SNR; the paper uses 0.7). 0 = off,
+    the plain guided output; it only acts where guidance runs (uncond context given, scale != 1).
     """
 
     name: str = "dpmpp_2m"
@@ -45,6 +50,7 @@ class SamplerConfig:
     guidance_scale: float = 7.5
     timestep_spacing: str = "trailing"
     steps_offset: int = 0
+    guidance_rescale: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in _SAMPLERS:
@@ -59,6 +65,9 @@ class SamplerConfig:
         off = self.steps_offset
         if isinstance(off, bool) or not isinstance(off, int) or off < 0:
             raise ValueError(f"steps_offset must be an int >= 0, got {off!r}")
+        r = self.guidance_rescale
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 <= r <= 1:
+            raise ValueError(f"guidance_rescale must be a finite number in [0, 1], got {r!r}")
 
 
 # ----------------------------------------------------------------------------- timesteps
@@ -149,6 +158,16 @@ def _cfg_inputs(
     return torch.cat([uncond, context]), torch.cat([uncond_m.to(torch.bool), cond_m.to(torch.bool)])
 
 
+def rescale_guidance(guided: Tensor, cond: Tensor, factor: float) -> Tensor:
+    """Guidance rescale (Lin et al. 2023, sec. 3.4; diffusers' rescale_noise_cfg): guided (B, ...)
+    scaled to the std of cond (B, ...), each sample's std over all its elements, then blended:
+    factor * guided * std(cond) / std(guided) + (1 - factor) * guided. Applied to the raw model
+    output whatever the prediction type, as diffusers does with the U-Net's output."""
+    dims = list(range(1, guided.ndim))  # every dim but the batch: one std per sample
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))  # (B, ...)
+    return factor * rescaled + (1.0 - factor) * guided
+
+
 def _denoiser(
     model_fn: ModelFn,
     context: Tensor,
@@ -159,8 +178,10 @@ def _denoiser(
     model_dtype: torch.dtype,
 ) -> Denoiser:
     """Wrap model_fn into (x, t) -> guided output: uncond + g * (cond - uncond), both halves from
-    one batched call. Casts x to the model dtype and the output back to the state dtype."""
-    g = float(cfg.guidance_scale)
+    one batched call, then rescaled if cfg.guidance_rescale > 0 (at 0 the combine is untouched, so
+    results are bit-identical to no rescale). Casts x to the model dtype and the output back to
+    the state dtype, so the combine and the rescale's stds are computed in at least float32."""
+    g, phi = float(cfg.guidance_scale), float(cfg.guidance_rescale)
     if uncond_context is None or g == 1.0:
 
         def call(x: Tensor, t: Tensor) -> Tensor:
@@ -174,7 +195,8 @@ def _denoiser(
         x2 = torch.cat([x, x]).to(model_dtype)  # (2B, C, H, W)
         out = model_fn(x2, t.to(x.device).expand(x2.shape[0]), ctx2, mask2).to(x.dtype)
         uncond, cond = out.chunk(2)  # (B, C, H, W) each
-        return uncond + g * (cond - uncond)
+        guided = uncond + g * (cond - uncond)
+        return rescale_guidance(guided, cond, phi) if phi > 0 else guided
 
     return call_guided
 

@@ -44,6 +44,9 @@ class StageFailed(RuntimeError):
 @dataclass(frozen=True)
 class DemoConfig:
     out_dir: str = "demo-output"
+    # Seeds everything random the model comes from: the synthetic data (items, jitter, phrasings), the VAE's
+    # init and batches, the text encoder's random init, the U-Net's init, batches and noise. 0: the presets' own.
+    seed: int = 0
     num_good: int = 1500  # synthetic items served (planted bad ones come on top)
     planted: int = 2  # of each kind of bad item, to show the filters and reports at work
     # Served, downloaded and trained at 32 px: a quarter of the compute of 64 px a step, so both models get
@@ -55,10 +58,6 @@ class DemoConfig:
     unet_steps: int | None = None
     seen_prompts: int = 30  # seen (colour, shape) combinations evaluated, besides all 30 held-out ones
     images_per_prompt: int = 2
-    # Low guidance: at 3 and above the small squares come out with pinched, concave sides (guidance exaggerates
-    # their corners); 1.5-2 drew the most shapes right (see README).
-    guidance: float = 2.0
-    sampler_steps: int = 20
     ray_num_cpus: int = 2
     extra: dict[str, list[str]] = field(default_factory=dict)  # per stage: more --set overrides
 
@@ -155,7 +154,7 @@ class Demo:
         url_list.unlink(missing_ok=True)
         p = self.cfg.planted
         # Jitter makes every good item its own image (exact dedup would otherwise keep one per combination).
-        args = ["--out", str(synth), "--set", f"num_good={self.cfg.num_good}",
+        args = ["--out", str(synth), "--set", f"seed={self.cfg.seed}", "--set", f"num_good={self.cfg.num_good}",
                 "--set", f"image_size={self.cfg.image_size}", "--set", "position_jitter=0.05",
                 "--set", "color_jitter=12"] + [
             a for kind in ("http_404", "html_page", "truncated_jpeg", "tiny_image", "empty_caption", "duplicate_image")
@@ -182,14 +181,16 @@ class Demo:
                  "--set", f"input_dir={self.path('raw')}", "--set", f"output_dir={self.path('filtered')}")
         self.job("train_vae", "train_vae.py", "--config", "configs/tiny/train_vae.yaml", "--set", size,
                  "--set", f"input_dir={self.path('filtered')}", "--set", f"output_dir={self.path('vae')}",
-                 "--set", f"storage_path={self.path('runs')}",
+                 "--set", f"storage_path={self.path('runs')}", "--set", f"vae.seed={c.seed}",
+                 "--set", f"train.seed={c.seed}",
                  *_schedule(c.vae_steps, "train.steps", "train.warmup_steps"))
         self.job("precompute", "precompute_latents.py", "--config", "configs/tiny/precompute.yaml", "--set", size,
                  "--set", f"input_dir={self.path('filtered')}", "--set", f"output_dir={self.path('features')}",
-                 "--set", f"vae.source={self.path('vae')}")
+                 "--set", f"vae.source={self.path('vae')}", "--set", f"text.seed={c.seed}")
         self.job("train_unet", "train_unet.py", "--config", "configs/tiny-cpu.yaml",
                  "--set", f"features_dir={self.path('features')}", "--set", f"storage_path={self.path('runs')}",
-                 "--set", f"run_name={RUN_NAME}", *_schedule(c.unet_steps, "max_steps", "lr.warmup_steps"),
+                 "--set", f"run_name={RUN_NAME}", "--set", f"seed={c.seed}",
+                 *_schedule(c.unet_steps, "max_steps", "lr.warmup_steps"),
                  "--set", f"model.overrides.sample_size={latent_side}",
                  "--set", "mlflow.registered_model=latentforge-demo")
         # The same model as a diffusers StableDiffusionPipeline folder. The tiny preset masks padding tokens
@@ -200,8 +201,9 @@ class Demo:
         prompts = self.out / "eval_prompts.jsonl"
         prompts.write_text("".join(json.dumps(p) + "\n" for p in eval_prompts(c)))
         self.job("sample_eval", "sample_eval.py", "--model", self.model_dir(), "--prompts", str(prompts),
-                 "--out", self.path("eval"), "--set", f"sampling.images_per_prompt={c.images_per_prompt}",
-                 "--set", f"sampling.guidance_scales=[{c.guidance}]", "--set", f"sampling.steps={c.sampler_steps}")
+                 "--out", self.path("eval"), "--set", f"sampling.images_per_prompt={c.images_per_prompt}")
+        # no sampling settings: the evaluation draws with the ones the export carries (configs/tiny-cpu.yaml's
+        # samples.sampler), as any user's sample_eval run on this model does
 
     def model_dir(self) -> str:
         from pipelines.train.worker import EXPORT_DIR
@@ -229,7 +231,7 @@ class Demo:
         from pipelines.vae import model as vae_model
 
         metrics = self._report(f"eval/{METRICS_FILE}") or {}
-        key = guidance_key(self.cfg.guidance)
+        key = guidance_key(metrics["guidance_scales"][0]) if metrics else ""  # the one scale the model recommends
         accuracy = metrics.get("synthetic_accuracy", {}).get(key, {})
         train = self._report(f"runs/{RUN_NAME}/{unet_driver.REPORT_FILE}") or {}
         db = self.path("mlflow.db")
@@ -249,7 +251,8 @@ class Demo:
                 "train_vae": self._report(f"vae/{vae_model.REPORT_FILE}"),
                 "precompute": self._report(f"features/{precompute_config.REPORT_FILE}"),
                 "train_unet": train,
-                "sample_eval": {k: metrics.get(k) for k in ("images", "prompts", "sampler", "steps", "timing")},
+                "sample_eval": {k: metrics.get(k) for k in ("images", "prompts", "sampler", "steps",
+                                                            "guidance_scales", "guidance_rescale", "timing")},
             },
             "config": asdict(self.cfg),
         }

@@ -25,6 +25,7 @@ NOISE = (
     "No CUDA runtime is found",  # torch.utils.cpp_extension on CPU
     "all_gather_into_tensor` is deprecated",  # torch, about DeepSpeed's call
     "`accelerate` was not found",  # diffusers
+    "Found multiple active Ray instances",  # Ray's State API guessing the cluster, in a Ray Train helper actor
 )
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RAY_PREFIX = re.compile(r"^\((\w+) pid=\d+(?:, ip=[\d.]+)?\) ")

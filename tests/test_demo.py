@@ -38,7 +38,8 @@ def test_demo_runs_every_stage_and_writes_the_summary(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     started = time.time()
     cfg = DemoConfig(out_dir=str(tmp_path / "demo"), num_good=300, planted=1, vae_steps=10, unet_steps=10,
-                     seen_prompts=4, images_per_prompt=1, sampler_steps=4)
+                     seen_prompts=4, images_per_prompt=1,
+                     extra={"train_unet": ["--set", "samples.sampler.steps=4"]})
     summary = run_demo(cfg)
     from diffusers import StableDiffusionPipeline
 
@@ -53,6 +54,9 @@ def test_demo_runs_every_stage_and_writes_the_summary(tmp_path, monkeypatch):
     assert reports["train_vae"]["scaling_factor"] > 0
     assert reports["train_unet"]["steps"] == 10 and on_disk["final_loss"] is not None
     assert on_disk["accuracy"]["held_out"]["count"] == 30 and on_disk["accuracy"]["seen"]["count"] == 4
+    # the evaluation, given no sampling settings, drew with the ones the training config put into the export
+    evaluated = reports["sample_eval"]
+    assert (evaluated["sampler"], evaluated["steps"], evaluated["guidance_scales"]) == ("dpmpp_2m", 4, [2.0])
     assert Path(on_disk["sample_grid"]).is_file()
     assert (Path(on_disk["model_dir"]) / INDEX_FILE).is_file()
     pipe = StableDiffusionPipeline.from_pretrained(on_disk["diffusers_dir"], local_files_only=True)

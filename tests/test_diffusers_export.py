@@ -17,24 +17,20 @@ import pytest
 import torch
 
 from model.config import PRESETS, UNetConfig
-from model.samplers import SamplerConfig, initial_noise
+from model.samplers import SamplerConfig
 from model.schedule import ScheduleConfig
+from tests.exports import PIXEL_TOL, compare_with_diffusers
 
-# Pipeline vs our draw path, same prompt / initial latents / steps / guidance, fp32 on CPU. What separates them
-# is float rounding (other kernel orders, diffusers' scheduler tables in float32 where ours are float64) and the
-# empty caption: ours is the precomputed one, stored in float16, diffusers encodes "" again in float32.
-# Measured (float32, CPU, these tiny models): final latents within 2.5e-5 (dpmpp_2m), 1.8e-4 (ddim, latents of
-# std 5.9) and 1.0e-4 (euler); images at most 1 level apart, on under 0.1% of the pixel values.
-LATENT_TOL = 1e-3  # max abs difference of the final latents (model space)
-PIXEL_TOL = 1  # max difference of the uint8 images, in levels of 255: a rounding boundary, never more
 TEXT_TOL = 1e-5  # CLIPTextModel vs our tower: the same float32 operations in another order
 PROMPTS = ["a large red circle in the top left", "a small blue square in the center"]
 SEEDS = [0, 1]
+ROWS = [(p, s) for p in PROMPTS for s in SEEDS]
 SAMPLERS = [  # (sampler, schedule): each diffusers scheduler the export can write, eps and v, zero terminal SNR
+    # (with guidance rescale, as Lin et al. 2023 pair them)
     (SamplerConfig(name="dpmpp_2m", steps=6, guidance_scale=2.0), ScheduleConfig(prediction_type="v")),
     (SamplerConfig(name="ddim", steps=5, guidance_scale=3.0, timestep_spacing="leading", steps_offset=1),
      ScheduleConfig(prediction_type="eps")),
-    (SamplerConfig(name="euler", steps=5, guidance_scale=2.0),
+    (SamplerConfig(name="euler", steps=5, guidance_scale=2.0, guidance_rescale=0.7),
      ScheduleConfig(prediction_type="v", rescale_zero_terminal_snr=True)),
 ]
 
@@ -79,7 +75,7 @@ def _write_export(out: Path, features: Path, schedule: ScheduleConfig, sampler: 
     info = ExportInfo(weights="ema", step=1, schedule=schedule, encoders=EncoderSources.from_manifest(manifest),
                       latent_shape=tuple(manifest.latent_shape), image_size=manifest.image_size,
                       scaling_factor=manifest.scaling_factor, shift_factor=manifest.shift_factor,
-                      train_config={"samples": {"sampler": to_dict(sampler)}})
+                      train_config={"samples": {"sampler": to_dict(sampler)}}, sampling=sampler)
     write_export(str(out), unet_cfg, _random_weights(unet_cfg), info, str(features), manifest)
     return out
 
@@ -102,39 +98,6 @@ def exports(features, tmp_path_factory):
     return get
 
 
-def _ours(model_dir: Path, sampler: SamplerConfig) -> tuple[torch.Tensor, np.ndarray]:
-    """(latents (N, C, h, w), images (N, H, W, 3) uint8) from our draw path: one per (prompt, seed)."""
-    from pipelines.inference.draw import decode_images, draw_latents, encode_prompts
-    from pipelines.inference.export import load_exported
-
-    exported = load_exported(model_dir)
-    vae, text = exported.encoders.build()
-    rows = [(p, s) for p in PROMPTS for s in SEEDS]
-    states, masks = encode_prompts(text, [p for p, _ in rows])
-    latents = draw_latents(lambda x, t, c, m: exported.unet(x, t, c, m), exported.schedule, states, masks,
-                           exported.empty_caption, [s for _, s in rows], exported.latent_shape, sampler)
-    return latents, decode_images(vae, latents, exported.scaling_factor, exported.shift_factor)
-
-
-def _theirs(pipeline_dir: Path, sampler: SamplerConfig, latent_shape) -> tuple[torch.Tensor, np.ndarray]:
-    """The same from StableDiffusionPipeline, all rows in one call (each row starts from its seed's latents)."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    rows = [(p, s) for p in PROMPTS for s in SEEDS]
-    final = {}
-
-    def keep_latents(pipe, step, timestep, tensors):  # the last step's latents: what the VAE then decodes
-        final["latents"] = tensors["latents"].clone()
-        return tensors
-
-    pixels = pipe([p for p, _ in rows], num_inference_steps=sampler.steps, guidance_scale=sampler.guidance_scale,
-                  latents=torch.cat([initial_noise((1, *latent_shape), s) for _, s in rows]), output_type="np",
-                  callback_on_step_end=keep_latents).images  # (N, H, W, 3) float in [0, 1]
-    return final["latents"], (pixels * 255.0).round().clip(0, 255).astype(np.uint8)
-
-
 # ----------------------------------------------------------------------------- export -> diffusers
 
 
@@ -149,16 +112,48 @@ def test_pipeline_draws_our_images(exports, sampler, schedule):
     vae_config = json.loads((out / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] == load_index(model)["scaling_factor"]
 
-    latent_shape = tuple(load_index(model)["latent_shape"])
-    ours_latents, ours = _ours(model, sampler)
-    theirs_latents, theirs = _theirs(out, sampler, latent_shape)
-    assert theirs.shape == ours.shape == (len(PROMPTS) * len(SEEDS), 32, 32, 3)
-    latent_err = (theirs_latents - ours_latents).abs().max().item()
-    pixel_err = int(np.abs(theirs.astype(int) - ours.astype(int)).max())
-    assert latent_err <= LATENT_TOL, latent_err
-    assert pixel_err <= PIXEL_TOL, pixel_err
+    ours, theirs = compare_with_diffusers(model, out, sampler, ROWS)
+    assert theirs.shape == ours.shape == (len(ROWS), 32, 32, 3)
     # the images are not all alike (a pipeline ignoring its prompt or latents would fail the comparison)
     assert np.abs(ours[0].astype(int) - ours[-1].astype(int)).max() > 10 * PIXEL_TOL
+
+
+@pytest.mark.parametrize("sampler,schedule", SAMPLERS, ids=[s.name for s, _ in SAMPLERS])
+def test_model_card_says_how_to_sample(exports, sampler, schedule):
+    """README.md names the recommended steps, guidance_scale and guidance_rescale (no diffusers config holds them)
+    in a pipe(...) call that runs as written on the folder."""
+    from pipelines.inference.diffusers_export import MODEL_CARD, SCHEDULERS
+
+    _, out = exports(sampler, schedule)
+    card = (out / MODEL_CARD).read_text()
+    call = (f"num_inference_steps={sampler.steps}, guidance_scale={sampler.guidance_scale}, "
+            f"guidance_rescale={sampler.guidance_rescale})")
+    assert call in card and SCHEDULERS[sampler.name] in card
+    code = card.split("```python\n", 1)[1].split("```", 1)[0].replace("path/to/this/folder", str(out))
+    scope: dict = {}
+    exec(code, scope)  # the card's own snippet, run as a reader would
+    assert scope["image"].size == (32, 32)  # a PIL image at the training size
+
+
+def test_model_card_of_an_old_export(pipeline_folder, tmp_path):
+    """Exports written before the manifest carried `sampling`: the train config's sampler, else the defaults."""
+    import shutil
+
+    from pipelines.inference.diffusers_export import MODEL_CARD, write_diffusers
+    from pipelines.inference.export import INDEX_FILE
+
+    model, _ = pipeline_folder
+    recorded, default = SAMPLERS[0][0], SamplerConfig()
+    for name, dropped, expected in [("no-sampling", ["sampling"], recorded),
+                                    ("nothing", ["sampling", "train_config"], default)]:
+        old = shutil.copytree(model, tmp_path / name)
+        index = json.loads((old / INDEX_FILE).read_text())
+        (old / INDEX_FILE).write_text(json.dumps({k: v for k, v in index.items() if k not in dropped}))
+        write_diffusers(old, str(tmp_path / f"{name}-diffusers"))
+        card = (tmp_path / f"{name}-diffusers" / MODEL_CARD).read_text()
+        assert (f"num_inference_steps={expected.steps}, guidance_scale={expected.guidance_scale}, "
+                f"guidance_rescale={expected.guidance_rescale})") in card
+    assert (recorded.steps, recorded.guidance_scale) != (default.steps, default.guidance_scale)  # tells them apart
 
 
 # ----------------------------------------------------------------------------- the text encoder and tokenizer

@@ -5,6 +5,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from pipelines.data.filter.dedup import NearDuplicateIndex, decide
 from pipelines.data.filter.driver import STAGE, run_filter
 from pipelines.data.filter.rows import caption_check, color_thumb, decode_or_none, dhash, size_check
 from pipelines.data.filter.scan import ClipScorer, scan_shards
+from tests.log_lines import progress_lines
 from tests.snapshots import tree_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,11 +276,19 @@ def test_decide_keeps_first_by_key_whatever_the_order():
 
 # --------------------------------------------------------------------------- stage on real Ray
 
-def test_filter_stage_counts_every_planted_item(raw, tmp_path, ray_local):
+def test_filter_stage_counts_every_planted_item(raw, tmp_path, ray_local, caplog):
     raw_dir, kept = raw
     out = tmp_path / "filtered"
-    status, report = run_and_report(config(raw_dir, out))
+    with caplog.at_level(logging.INFO, logger="latentforge.filter"):
+        status, report = run_and_report(config(raw_dir, out))
     assert status == 0, report
+    # a progress line (pipelines/core/progress.py) per input shard scanned and per output shard written
+    finished = ["00000.tar", "00001.tar", "00002.tar", "00004.tar"]
+    for verb in ("scanned", "wrote"):
+        lines = [line for line in progress_lines("\n".join(r.getMessage() for r in caplog.records))
+                 if f"| {verb} " in line]
+        assert [line.split(" shards (")[0] for line in lines] == [f"{n}/4" for n in range(1, 5)], lines
+        assert sorted(line.split(f"| {verb} ")[1][:9] for line in lines) == finished, lines
     assert report["dropped"] == EXPECTED_DROPS
     assert report["rows_in"] == sum(EXPECTED_DROPS.values()) + len(kept)
     assert report["rows_out"] == len(kept)
@@ -332,6 +342,7 @@ def test_job_exit_codes_and_report(raw, tmp_path, ray_local):
     proc = run("--set", f"input_dir={raw_dir}", "--set", f"output_dir={out}",
                "--set", "caption.min_chars=900", "--set", "compute.num_cpus=0.25")
     assert proc.returncode == 1, proc.stderr[-3000:]
+    assert len([line for line in progress_lines(proc.stderr) if "| scanned " in line]) == 4, proc.stderr[-3000:]
     report = json.loads((out / REPORT_FILE).read_text())
     assert not report["ok"] and "no rows left" in report["error"]
     assert report["dropped"]["caption_too_short"] > 0 and report["rows_out"] == 0

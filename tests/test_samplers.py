@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.samplers import SamplerConfig, initial_noise, sample, timesteps_for
+from model.samplers import SamplerConfig, initial_noise, rescale_guidance, sample, timesteps_for
 from model.schedule import NoiseSchedule, ScheduleConfig
 
 # float64, both sides on the same alpha_bar table: max abs difference of the final latents (|x| ~ 1).
@@ -40,13 +40,17 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 
 class FakeModel:
-    """out = 0.9 x + 0.1 tanh(W x) + 0.1 sin(t / 100) + 0.2 * masked mean(context), in x's dtype.
+    """out = 0.9 x + 0.1 tanh(W x) + 0.1 sin(t / 100) + 0.2 * masked mean(context), in x's dtype,
+    times exp(context_gain * masked mean(context)) when context_gain != 0.
 
     Records the batch size and timestep dtype of each call. The 0.9 x term keeps eps-mode x0
-    estimates O(1) at high noise (x_t ~ eps there), so float32 rounding stays comparable."""
+    estimates O(1) at high noise (x_t ~ eps there), so float32 rounding stays comparable. Without
+    the gain, the context only shifts each sample's output, so cond and guided outputs have the
+    same std and guidance rescale would change nothing; the gain makes their stds differ."""
 
-    def __init__(self, channels: int = SHAPE[1], seed: int = 0) -> None:
+    def __init__(self, channels: int = SHAPE[1], seed: int = 0, context_gain: float = 0.0) -> None:
         g = torch.Generator().manual_seed(seed)
+        self.context_gain = context_gain
         self.weight = torch.randn(channels, channels, generator=g) * 0.5  # (C, C)
         self.calls: list[tuple[int, torch.dtype]] = []
 
@@ -60,7 +64,8 @@ class FakeModel:
             m = mask.to(tokens.dtype)
             c = (tokens * m).sum(dim=1) / m.sum(dim=1)
         mix = torch.einsum("oc,bchw->bohw", self.weight.to(x.dtype), x)
-        return 0.9 * x + 0.1 * torch.tanh(mix) + 0.1 * torch.sin(tt / 100) + 0.2 * c.view(-1, 1, 1, 1)
+        out = 0.9 * x + 0.1 * torch.tanh(mix) + 0.1 * torch.sin(tt / 100) + 0.2 * c.view(-1, 1, 1, 1)
+        return out * torch.exp(self.context_gain * c).view(-1, 1, 1, 1) if self.context_gain else out
 
 
 def _inputs(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -125,9 +130,11 @@ def _diffusers_scheduler(name, sched_cfg: ScheduleConfig, spacing, steps_offset,
     return diffusers.EulerDiscreteScheduler(**common)
 
 
-def _run_diffusers(scheduler, model, noise, context, uncond, steps, guidance):
+def _run_diffusers(scheduler, model, noise, context, uncond, steps, guidance, guidance_rescale=0.0):
     """The StableDiffusionPipeline loop, by hand: scale input, one batched [uncond; cond] call,
-    CFG combine, scheduler.step."""
+    CFG combine, the pipeline's rescale_noise_cfg when guidance_rescale > 0, scheduler.step."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
     scheduler.set_timesteps(steps)
     x = noise * scheduler.init_noise_sigma
     ctx2 = torch.cat([uncond.expand_as(context), context])  # (2B, L, D)
@@ -135,7 +142,10 @@ def _run_diffusers(scheduler, model, noise, context, uncond, steps, guidance):
         x_in = scheduler.scale_model_input(x, t)
         out = model(torch.cat([x_in, x_in]), t.expand(2 * x.shape[0]), ctx2, None)
         out_uncond, out_cond = out.chunk(2)
-        x = scheduler.step(out_uncond + guidance * (out_cond - out_uncond), t, x).prev_sample
+        guided = out_uncond + guidance * (out_cond - out_uncond)
+        if guidance_rescale > 0:
+            guided = rescale_noise_cfg(guided, out_cond, guidance_rescale=guidance_rescale)
+        x = scheduler.step(guided, t, x).prev_sample
     return x
 
 
@@ -154,17 +164,20 @@ SPACINGS = [
 ]
 
 
-def _compare(name, spacing, offset, steps, sched_cfg, dtype=torch.float64):
+def _compare(name, spacing, offset, steps, sched_cfg, dtype=torch.float64, guidance_rescale=0.0,
+             context_gain=0.0):
     """float64 (needs the float64_diffusers fixture): diffusers on our alpha_bar table, within F64_TOL.
-    float32: stock diffusers on its own table, within SAMPLER_TOL."""
+    float32: stock diffusers on its own table, within SAMPLER_TOL. Returns our result."""
     schedule = NoiseSchedule(sched_cfg)
     noise, context, uncond = _inputs(dtype=dtype)
-    cfg = SamplerConfig(name=name, steps=steps, guidance_scale=GUIDANCE, timestep_spacing=spacing, steps_offset=offset)
+    cfg = SamplerConfig(name=name, steps=steps, guidance_scale=GUIDANCE, timestep_spacing=spacing, steps_offset=offset,
+                        guidance_rescale=guidance_rescale)
     wide = dtype == torch.float64
     ref_sched = _diffusers_scheduler(name, sched_cfg, spacing, offset, _betas_giving(schedule) if wide else None)
     assert ref_sched.alphas_cumprod.dtype == dtype  # the reference really computes in `dtype`
-    ours = sample(FakeModel(), schedule, noise, context, uncond, cfg)
-    ref = _run_diffusers(ref_sched, FakeModel(), noise, context, uncond, steps, GUIDANCE)
+    ours = sample(FakeModel(context_gain=context_gain), schedule, noise, context, uncond, cfg)
+    ref = _run_diffusers(ref_sched, FakeModel(context_gain=context_gain), noise, context, uncond, steps, GUIDANCE,
+                         guidance_rescale)
     ts = timesteps_for(schedule, cfg)
     assert torch.equal(ts.double(), ref_sched.timesteps.double()) if wide else torch.equal(ts, ref_sched.timesteps)
     assert ours.dtype == ref.dtype == dtype and bool(torch.isfinite(ours).all())
@@ -172,6 +185,7 @@ def _compare(name, spacing, offset, steps, sched_cfg, dtype=torch.float64):
     tol = F64_TOL if wide else SAMPLER_TOL
     diff = (ours - ref).abs().max().item()
     assert diff <= tol, f"{name}/{spacing}/{steps}/{dtype}: max abs diff {diff:.3g} > {tol:.3g}"
+    return ours
 
 
 @pytest.mark.usefixtures("float64_diffusers")
@@ -196,6 +210,20 @@ def test_matches_diffusers_in_float64_zero_terminal_snr(name, steps):
 @pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "euler"])
 def test_matches_diffusers_in_float64_cosine_schedule(name):
     _compare(name, "trailing", 0, 10, ScheduleConfig(beta_schedule="cosine", prediction_type="v"))
+
+
+@pytest.mark.usefixtures("float64_diffusers")
+@pytest.mark.parametrize("prediction_type", ["eps", "v"])
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "euler"])
+def test_guidance_rescale_matches_diffusers_pipeline_in_float64(name, prediction_type):
+    """guidance_rescale=0.7 (the paper's value) against the pipeline's own rescale_noise_cfg in its loop, float64.
+    eps: SD's schedule, leading; v: zero terminal SNR, trailing (the setting the paper pairs it with)."""
+    zero_snr = prediction_type == "v"
+    sched_cfg = ScheduleConfig(prediction_type=prediction_type, rescale_zero_terminal_snr=zero_snr)
+    spacing, offset = ("trailing", 0) if zero_snr else ("leading", 1)
+    rescaled = _compare(name, spacing, offset, 10, sched_cfg, guidance_rescale=0.7, context_gain=2.0)
+    plain = _compare(name, spacing, offset, 10, sched_cfg, context_gain=2.0)
+    assert (rescaled - plain).abs().max().item() > 1e6 * F64_TOL  # the rescale changes the result measurably
 
 
 @pytest.mark.parametrize(
@@ -230,6 +258,52 @@ def test_guidance_one_is_a_single_unguided_call(name):
     b = sample(plain_model, schedule, noise, context, None, SamplerConfig(name=name, steps=5, guidance_scale=7.5))
     assert torch.equal(a, b)
     assert [c[0] for c in guided_model.calls] == [SHAPE[0]] * 5  # never doubled
+
+
+# rescale_noise_cfg vs ours on the same float64 tensors: the same arithmetic (two stds, a ratio, a blend) on
+# values of size ~10, so a few units in the last place of 10 * 2**-52 ~ 2e-15; a wrong reduction (another dim)
+# or blend is off by O(0.1) with these per-sample scales.
+RESCALE_TOL = 1e-13
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("shape", [(3, 4, 8, 8), (2, 4, 3, 8, 8)])  # images (B, C, H, W); video (B, C, F, H, W)
+def test_rescale_guidance_matches_diffusers_rescale_noise_cfg(factor, shape):
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    g = torch.Generator().manual_seed(7)
+    scales = torch.arange(1, shape[0] + 1, dtype=torch.float64).view(-1, *[1] * (len(shape) - 1))  # (B, 1, ...)
+    cond = torch.randn(shape, generator=g, dtype=torch.float64) * scales + 0.5  # per-sample std 1, 2, ...
+    guided = cond * 3.0 + torch.randn(shape, generator=g, dtype=torch.float64) / scales  # larger, other stds
+    ours = rescale_guidance(guided, cond, factor)
+    theirs = rescale_noise_cfg(guided, cond, guidance_rescale=factor)
+    assert ours.dtype == torch.float64 and ours.shape == shape
+    assert (ours - theirs).abs().max().item() <= RESCALE_TOL
+    if factor == 1.0:  # fully rescaled: each sample has its conditional output's std
+        dims = list(range(1, len(shape)))
+        assert torch.allclose(ours.std(dim=dims), cond.std(dim=dims), rtol=1e-12, atol=0)
+    if factor > 0:
+        assert (ours - guided).abs().max().item() > 0.1
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "euler"])
+def test_guidance_rescale_zero_is_the_plain_guided_combine(name):
+    """guidance_rescale=0 gives bit for bit what the plain CFG combine gives: here done inside the model itself
+    (uncond + g * (cond - uncond) from one doubled call) and sampled without guidance."""
+    schedule = NoiseSchedule(ScheduleConfig(prediction_type="v"))
+    noise, context, uncond = _inputs()
+    ctx2 = torch.cat([uncond.expand_as(context), context])  # (2B, L, D)
+
+    def combined(x, t, ctx, mask):
+        out_uncond, out_cond = FakeModel(context_gain=2.0)(torch.cat([x, x]), torch.cat([t, t]), ctx2, None).chunk(2)
+        return out_uncond + GUIDANCE * (out_cond - out_uncond)
+
+    cfg = SamplerConfig(name=name, steps=6, guidance_scale=GUIDANCE, guidance_rescale=0.0)
+    guided = sample(FakeModel(context_gain=2.0), schedule, noise, context, uncond, cfg)
+    assert torch.equal(guided, sample(combined, schedule, noise, context, None, cfg))
+    rescaled = sample(FakeModel(context_gain=2.0), schedule, noise, context, uncond, SamplerConfig(name=name, steps=6,
+                      guidance_scale=GUIDANCE, guidance_rescale=0.7))
+    assert not torch.allclose(guided, rescaled)
 
 
 def test_guidance_batches_uncond_and_cond_in_one_call():
@@ -296,7 +370,9 @@ def test_unknown_sampler_name_lists_valid_names():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("steps", 0), ("guidance_scale", float("nan")), ("timestep_spacing", "karras"), ("steps_offset", -1)],
+    [("steps", 0), ("guidance_scale", float("nan")), ("timestep_spacing", "karras"), ("steps_offset", -1),
+     ("guidance_rescale", float("nan")), ("guidance_rescale", -0.1), ("guidance_rescale", 1.5),
+     ("guidance_rescale", True), ("guidance_rescale", "0.7")],
 )
 def test_bad_sampler_config_raises_naming_field(field, value):
     with pytest.raises(ValueError, match=field):

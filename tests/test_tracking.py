@@ -5,7 +5,7 @@
 - MLflow down when a run starts: the run is created when the server answers, with what was buffered;
 - credentials inside URIs reach no report, param, tag, checkpoint, export or log line (storage.redact);
 - a finished run rerun is a no-op; a raised max_steps is recorded in MLflow as what it became;
-- the registered model is logged from code: loading it unpickles nothing.
+- the registered model is logged from code: loading it unpickles nothing, and logging it raises no MLflow warning.
 """
 
 import dataclasses
@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,9 @@ from tests.exports import write_untrained_export
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny-cpu.yaml"
+# a registered model's recommended sampling, unlike SamplerConfig's defaults in every field
+RECOMMENDED = {"name": "ddim", "steps": 3, "guidance_scale": 2.5, "guidance_rescale": 0.3,
+               "timestep_spacing": "leading", "steps_offset": 1}
 PASSWORD = "pw-Zq81-do-not-log"  # in the tracking URI's user info
 SIGNATURE, CREDENTIAL = "sig0f9e8d7c6b5a4", "AKIAEXAMPLE%2F20260101%2Fus-east-1"  # in a presigned prompts URL
 
@@ -113,19 +117,29 @@ def test_registered_model_is_logged_from_code_and_loads_without_unpickling(tmp_p
     import pandas as pd
     from mlflow import MlflowClient
 
-    from pipelines.inference.mlflow_model import EVAL_HEADING, describe_evaluation, log_pyfunc_model
+    from pipelines.inference.mlflow_model import EVAL_HEADING, TextToImageModel, describe_evaluation, log_pyfunc_model
 
-    model_dir = write_untrained_export(tmp_path)
+    model_dir = write_untrained_export(tmp_path, sampling=RECOMMENDED)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker.open(MLflowSettings(tracking_uri=uri, experiment="pyfunc", system_metrics=False), "pyfunc")
-    assert log_pyfunc_model(tracker, str(model_dir), "tiny-from-code", f"Tiny.\n\n{EVAL_HEADING}\n\nNot yet.",
-                            {"dataset_manifest_sha256": "f00d"}) == "1"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # MLflow checks predict's type hints when a PythonModel class is defined (this one was, at import): a
+        # class with the same predict has it check them again here
+        type("SamePredict", (TextToImageModel,), {"predict": TextToImageModel.predict})
+        assert log_pyfunc_model(tracker, str(model_dir), "tiny-from-code", f"Tiny.\n\n{EVAL_HEADING}\n\nNot yet.",
+                                {"dataset_manifest_sha256": "f00d"}) == "1"
+    from_mlflow = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+                   if issubclass(w.category, UserWarning) and f"{os.sep}mlflow{os.sep}" in w.filename]
+    assert from_mlflow == []
     client = MlflowClient(uri)
     version = client.get_model_version("tiny-from-code", "1")
     assert version.tags == {"training_run_id": tracker.run_id, "dataset_manifest_sha256": "f00d"}
     signature = mlflow.models.get_model_info("models:/tiny-from-code/1").signature
     assert signature.inputs.input_names() == ["prompt", "seed"] and signature.outputs.input_names()[-1] == "png"
-    assert {p.name: p.default for p in signature.params.params}["steps"] == 25
+    # the params' defaults are the model's recommended sampling, not SamplerConfig's
+    defaults = {p.name: p.default for p in signature.params.params}
+    assert {k: defaults[k] for k in RECOMMENDED} == RECOMMENDED
     metrics = {"images": 6, "prompts": 3, "sampler": "ddim", "steps": 3,
                "synthetic_accuracy": {"guidance_4": {"overall": {"all_correct": 0.5}, "held_out": {"all_correct": 0.25},
                                                      "out_of_vocabulary": 1}},
@@ -148,6 +162,33 @@ def test_registered_model_is_logged_from_code_and_loads_without_unpickling(tmp_p
     pyfunc = mlflow.pyfunc.load_model("models:/tiny-from-code/1")
     out = pyfunc.predict(pd.DataFrame({"prompt": ["a large red circle"], "seed": [3]}), params={"steps": 2})
     assert len(out) == 1 and out["png"][0][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_pyfunc_model_takes_each_sampling_param_not_given_from_the_model(tmp_path):
+    """predict called without MLflow's signature defaults (as a Python object): a given param overrides only itself,
+    the rest is the model's recommended sampling."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from model.samplers import SamplerConfig
+    from pipelines.inference.draw import decode_images, draw_latents, encode_prompts, png_bytes
+    from pipelines.inference.mlflow_model import PYFUNC_ARTIFACT, TextToImageModel
+
+    model_dir = write_untrained_export(tmp_path, sampling=RECOMMENDED)
+    pyfunc = TextToImageModel()
+    pyfunc.load_context(SimpleNamespace(artifacts={PYFUNC_ARTIFACT: str(model_dir)}))
+    prompt = "a small blue triangle in the center"
+    got = pyfunc.predict(None, pd.DataFrame({"prompt": [prompt], "seed": [4]}), params={"steps": 2})["png"][0]
+
+    def draw(sampler: SamplerConfig) -> bytes:
+        m = pyfunc.model
+        states, masks = encode_prompts(pyfunc.text, [prompt])
+        latents = draw_latents(m.unet, m.schedule, states, masks, m.empty_caption, [4], m.latent_shape, sampler)
+        return png_bytes(decode_images(pyfunc.vae, latents, m.scaling_factor, m.shift_factor)[0])
+
+    assert got == draw(dataclasses.replace(SamplerConfig(**RECOMMENDED), steps=2))
+    assert got != draw(SamplerConfig(steps=2))  # SamplerConfig's defaults elsewhere: another image
 
 
 # ----------------------------------------------- 5 and 11: a real training run against a real MLflow server

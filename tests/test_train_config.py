@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from model.config import PRESETS
+from model.samplers import SamplerConfig
 from pipelines.core.config import ConfigError, config_differences, from_dict, load_config
 from pipelines.core.tracking import MLflowSettings, Tracker
 from pipelines.train.config import TrainConfig, fingerprint, validate_for_launch
@@ -135,7 +136,8 @@ def test_export_round_trip_and_incomplete_directory(tmp_path):
     info = ExportInfo(weights="ema", step=3, schedule=from_dict(TrainConfig, {}).objective.schedule_config(),
                       encoders=EncoderSources.from_manifest(read_manifest(str(features))),
                       latent_shape=tuple(manifest.latent_shape), image_size=manifest.image_size,
-                      scaling_factor=manifest.scaling_factor, shift_factor=manifest.shift_factor, train_config={})
+                      scaling_factor=manifest.scaling_factor, shift_factor=manifest.shift_factor, train_config={},
+                      sampling=SamplerConfig())
     out = tmp_path / "model"
     write_export(str(out), unet_cfg, weights, info, str(features), manifest)
     write_export(str(out), unet_cfg, weights, info, str(features), manifest)  # replacing an export works

@@ -8,7 +8,8 @@ averaging at step 2, so each resume (from step 4 or 6) must restore the LR's pos
            registers the model (the MLflow side of a run)
 - from-uri: a new run from ref's step-6 checkpoint given as a file:// URI
 - killed:  a Ray Train worker SIGKILLed after the step-4 checkpoint (automatic resume)
-- split:   cosine with a 4-step warm-up stopped at max_steps=6, rerun with the same name to 12 (the stretch)
+- split:   cosine with a 4-step warm-up stopped at max_steps=6, rerun with the same name to 12 (the stretch);
+           a U-Net without the padding mask, exported in diffusers' format too
 - init-uri: 1 step from ref's export, with MLflow unreachable
 - four:    4 workers to a mid-epoch checkpoint, resumed on 2 (the universal checkpoint)
 """
@@ -30,11 +31,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipelines.core.config import ConfigError, apply_override, from_dict
+from pipelines.core.local_ray import LocalRayHead
 from pipelines.inference.export import INDEX_FILE, load_exported
 from pipelines.synthetic.features import write_synthetic_features
 from pipelines.train import attempts, checkpoint
 from pipelines.train.config import TrainConfig
 from pipelines.train.driver import run_training
+from tests.exports import compare_with_diffusers
 from tests.log_lines import captured_output, library_noise, progress_lines, repeated_lines
 from tests.snapshots import mlflow_run_ids, tree_snapshot
 
@@ -46,9 +49,12 @@ STEPS = 12
 # a resume that restored the LR schedule's position or the EMA's shadow wrongly could not match ref.
 WARMUP, EMA_START, SPLIT_AT, KILL_AFTER = 8, 2, 6, 4
 EXACT = ("lr.kind=cosine", f"lr.warmup_steps={WARMUP}", f"ema.start_step={EMA_START}", "objective.prediction_type=eps")
+# A U-Net that attends to the padding, as diffusers' pipelines do, and the diffusers pipeline folder beside export/
+DIFFUSERS = ("model.overrides.text_mask=false", "export_formats=[latentforge,diffusers]")
 MODEL_NAME = "tiny-test"
 UNREACHABLE = "http://127.0.0.1:9"
 REF_OUTPUT = "ref-output.log"
+OTHER_RAY_OBJECT_STORE = 80 * 1024 * 1024  # just above the least Ray accepts (75 MiB)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +123,10 @@ def assert_lr_follows(logged: dict[int, float], steps, cfg: TrainConfig, total: 
 
 @pytest.fixture(scope="module")
 def ref(work, ray_local):
-    with captured_output() as output:  # what the run printed, its workers' lines included (REF_OUTPUT)
+    # A second Ray on the machine during the run, as when tests or another cluster run beside a job: Ray Train's
+    # helper actors that look their cluster up (its placement group cleaner) must still find this one.
+    with LocalRayHead(num_cpus=1, object_store_bytes=OTHER_RAY_OBJECT_STORE), \
+            captured_output() as output:  # what the run printed, its workers' lines included (REF_OUTPUT)
         result = run_training(make_cfg(work, "ref", *EXACT, "samples.every_steps=6",
                                        f"mlflow.registered_model={MODEL_NAME}"))
     (work / REF_OUTPUT).write_text(output.getvalue())
@@ -145,6 +154,8 @@ def test_two_zero2_workers_train_checkpoint_export_and_log(work, ref):
     assert_lr_follows(history(work, ref.mlflow_run_id, "lr"), range(1, STEPS + 1), make_cfg(work, "x", *EXACT), STEPS)
     model = load_exported(ref.export_dir)
     assert model.index["step"] == STEPS and model.index["weights"] == "ema"
+    # the previews' sampler is the model's recommended sampling, carried by the export
+    assert model.sampler == make_cfg(work, "x", *EXACT).samples.sampler and model.sampler.steps == 4
     assert model.latent_shape == (4, 8, 8)
     # keep=2 of the tiny config: checkpoints of steps 6 and 12 remain, both complete
     kept = sorted(p for p in Path(ref.run_dir).glob("checkpoint_*") if p.is_dir())
@@ -235,8 +246,9 @@ def test_init_from_a_uri_starts_from_that_export_and_unreachable_mlflow_only_war
 @pytest.fixture(scope="module")
 def split(work, ray_local):
     """The stretch: a cosine run stopped at its end (max_steps=6) and rerun with max_steps=12 under the same
-    name. Its warm-up (4 steps) must fit the first 6."""
-    overrides = (*EXACT, "lr.warmup_steps=4")
+    name. Its warm-up (4 steps) must fit the first 6. Its U-Net attends to the padding (text_mask=false), so it
+    can also write the diffusers pipeline folder (export_formats): at step 6, replaced at step 12."""
+    overrides = (*EXACT, "lr.warmup_steps=4", *DIFFUSERS)
     first = run_training(make_cfg(work, "split", *overrides, f"max_steps={SPLIT_AT}"))
     assert first.steps == SPLIT_AT and first.resumed_from is None
     before = {key: history(work, first.mlflow_run_id, key) for key in ("loss", "lr")}
@@ -256,6 +268,27 @@ def test_a_raised_max_steps_stretches_the_cosine_from_the_resumed_step(work, spl
     assert all(np.isfinite(list(logged["loss"].values())))
     params = mlflow_client(work).get_run(result.mlflow_run_id).data.params
     assert params["max_steps"] == str(SPLIT_AT) and params[f"max_steps.at_step_{SPLIT_AT}"] == str(STEPS)
+
+
+def test_a_run_with_export_formats_diffusers_writes_a_pipeline_that_draws_our_images(work, split):
+    """<run>/export-diffusers, written by the training job itself: diffusers' StableDiffusionPipeline loads it
+    offline and draws the image our export draws (tests/exports.py), of the step-12 weights."""
+    from diffusers import UNet2DConditionModel
+
+    from model.convert import to_diffusers_state
+    from pipelines.inference.diffusers_export import DIFFUSERS_EXPORT_DIR
+
+    result, _, cfg = split
+    folder = Path(result.run_dir) / DIFFUSERS_EXPORT_DIR
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    assert load_exported(result.export_dir).index["step"] == STEPS
+    ours, theirs = compare_with_diffusers(Path(result.export_dir), folder, cfg.samples.sampler,
+                                          [(cfg.samples.prompts[0], cfg.samples.seeds[0])])
+    assert ours.shape == theirs.shape == (1, 32, 32, 3) and ours.std() > 0
+    # the step-12 weights, not the step-6 ones the first run wrote: the pipeline's U-Net is the export's
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True).state_dict()
+    ours_unet = to_diffusers_state(exported_weights(result), cfg.model.unet_config())
+    assert unet.keys() == ours_unet.keys() and all(torch.equal(unet[k], ours_unet[k]) for k in unet)
 
 
 def test_a_four_worker_checkpoint_resumes_on_two_workers(work, ray_local):

@@ -265,6 +265,34 @@ def test_rerun_of_a_finished_run_is_a_no_op(trained, caplog):
     assert again.info.run_id == run.info.run_id and again.info.end_time == run.info.end_time
 
 
+@pytest.mark.slow
+def test_precompute_with_this_vae_links_its_mlflow_run_to_the_vae_run(trained, tmp_path):
+    """Precompute given the exported folder as vae.source: its run (in this session's store,
+    MLFLOW_TRACKING_URI, set by tests/conftest.py) carries the VAE training run's id, read from the report the
+    export carries inside."""
+    import os
+
+    from mlflow import MlflowClient
+
+    from pipelines.core.tracking import JOB_TAG, REPORT_RUN_KEY, UPSTREAM_TAG_PREFIX
+    from pipelines.data.precompute.config import report_path
+    from pipelines.data.precompute.driver import STAGE as PRECOMPUTE
+    from tests.test_precompute import make_config as precompute_config
+    from tests.test_precompute import write_filter_report
+
+    cfg, _ = trained
+    filtered = Path(shutil.copytree(cfg.input_dir, tmp_path / "filtered"))  # trained's own folder stays as it was
+    write_filter_report(filtered)
+    features = precompute_config(filtered, tmp_path / "features", image_size=SIZE, vae={"source": cfg.output_dir},
+                                 buckets={"multiple": 16, "max_ratio": 1.0}, mlflow={"experiment": "vae-precompute"})
+    assert run_stage(PRECOMPUTE, features) == 0
+    _, vae_run = _mlflow_run(cfg)
+    run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(read_json(report_path(features))[REPORT_RUN_KEY])
+    assert run.data.tags[JOB_TAG] == "precompute"
+    assert run.data.tags[UPSTREAM_TAG_PREFIX + "train_vae"] == vae_run.info.run_id
+    assert UPSTREAM_TAG_PREFIX + "filter" not in run.data.tags  # a report written by hand: no run to link
+
+
 def _checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Weights and Adam state (moments, step counts) of a VAE checkpoint, flat."""
     saved = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)

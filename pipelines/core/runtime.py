@@ -19,6 +19,10 @@ log = logging.getLogger("latentforge")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # A job's exit status: done; the stage failed (its report says why); bad config or input (one line, nothing done).
 EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+# The VAE training stage's report, inside the VAE folder it exports (and written over that copy as the stage
+# report). Here because precompute, given that folder as its VAE, names the report as an upstream of its run, and
+# pipelines/data does not import pipelines/vae.
+VAE_REPORT_FILE = "train_vae_report.json"
 
 
 class RedactingFilter(logging.Filter):

@@ -15,6 +15,7 @@ changes only float rounding in batched kernels (a level or two of some pixels).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -34,7 +35,7 @@ from pipelines.core.runtime import StageReport
 from pipelines.core.tracking import JOB_TAG, MLflowSettings, Tracker, apply_http_limits
 from pipelines.eval.outputs import GRIDS_DIR, RESULTS_FILE, TABLE_FILE, results_table, write_outputs
 from pipelines.eval.prompts import PromptRow, read_prompts
-from pipelines.inference.export import load_index
+from pipelines.inference.export import load_index, recommended_sampler
 
 log = logging.getLogger("latentforge.eval")
 
@@ -43,15 +44,40 @@ METRICS_FILE = "metrics.json"
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    sampler: str = "dpmpp_2m"
-    steps: int = 25
-    guidance_scales: tuple[float, ...] = (4.0,)  # more than one value sweeps them (one image per value)
-    timestep_spacing: str = "trailing"
+    """How the images are drawn. A setting left unset takes the model's recommended value (written at export from
+    the training config's samples.sampler: pipelines/inference/export.recommended_sampler), so a model samples
+    with its own defaults unless the user says otherwise; `resolved` fills them in once the model is known."""
+
+    sampler: str | None = None  # dpmpp_2m | ddim | euler
+    steps: int | None = None
+    guidance_scales: tuple[float, ...] | None = None  # more than one value sweeps them (one image per value)
+    guidance_rescale: float | None = None  # 0..1: rescales the guided output's std to the conditional one's
+    timestep_spacing: str | None = None
+    steps_offset: int | None = None
     images_per_prompt: int = 1  # seeds seed, seed+1, ... for each prompt
 
+    def resolved(self, recommended: SamplerConfig) -> SamplingSettings:
+        """Every unset setting from `recommended`; checked as a SamplerConfig per guidance scale."""
+        pick = _unset_to
+        out = dataclasses.replace(
+            self, sampler=pick(self.sampler, recommended.name), steps=pick(self.steps, recommended.steps),
+            guidance_scales=pick(self.guidance_scales, (recommended.guidance_scale,)),
+            guidance_rescale=pick(self.guidance_rescale, recommended.guidance_rescale),
+            timestep_spacing=pick(self.timestep_spacing, recommended.timestep_spacing),
+            steps_offset=pick(self.steps_offset, recommended.steps_offset))
+        for g in out.guidance_scales:
+            out.sampler_config(g)  # raises ValueError naming a bad value
+        return out
+
     def sampler_config(self, guidance: float) -> SamplerConfig:
+        """The SamplerConfig of one guidance scale (of resolved settings)."""
         return SamplerConfig(name=self.sampler, steps=self.steps, guidance_scale=guidance,
-                             timestep_spacing=self.timestep_spacing)
+                             guidance_rescale=self.guidance_rescale, timestep_spacing=self.timestep_spacing,
+                             steps_offset=self.steps_offset)
+
+
+def _unset_to(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 @dataclass(frozen=True)
@@ -87,14 +113,14 @@ class EvalConfig:
             if not getattr(self, key):
                 raise ConfigError(f"{key} must be set (--{key} ...)")
         s = self.sampling
-        if s.sampler not in SAMPLER_NAMES:
+        if s.sampler is not None and s.sampler not in SAMPLER_NAMES:
             raise ConfigError(f"sampling.sampler: unknown sampler {s.sampler!r}; choose one of {list(SAMPLER_NAMES)}")
-        if s.timestep_spacing not in TIMESTEP_SPACINGS:
+        if s.timestep_spacing is not None and s.timestep_spacing not in TIMESTEP_SPACINGS:
             raise ConfigError(f"sampling.timestep_spacing must be one of {TIMESTEP_SPACINGS}")
-        if not s.guidance_scales:
-            raise ConfigError("sampling.guidance_scales must list at least one value")
-        for g in s.guidance_scales:
-            s.sampler_config(g)  # validates steps and each guidance value
+        if s.guidance_scales is not None and not s.guidance_scales:
+            raise ConfigError("sampling.guidance_scales must list at least one value (or be left unset: the "
+                              "model's recommended one)")
+        s.resolved(SamplerConfig())  # steps and each guidance value, before any model is read
         if s.images_per_prompt < 1:
             raise ConfigError("sampling.images_per_prompt must be >= 1")
         for key in ("clip_weights", "fid_weights"):
@@ -240,12 +266,14 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         try:  # a missing or half-written model is refused here, before any sampling
             model_dir = resolve_model(cfg.model, Path(tmp), settings.tracking_uri)
             index = load_index(model_dir)
+            cfg = dataclasses.replace(cfg, sampling=cfg.sampling.resolved(recommended_sampler(index)))
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"model {cfg.model}: {err}") from None
         rows = expand_rows(prompts, cfg)
-        log.info("sampling %d images (%d prompts x %d seeds x %d guidance scales) with %s, %d steps",
-                 len(rows), len(prompts), cfg.sampling.images_per_prompt, len(cfg.sampling.guidance_scales),
-                 cfg.sampling.sampler, cfg.sampling.steps)
+        s = cfg.sampling
+        log.info("sampling %d images (%d prompts x %d seeds x guidance %s) with %s, %d steps, guidance rescale %g "
+                 "(unset settings are the model's recommended ones)", len(rows), len(prompts), s.images_per_prompt,
+                 ", ".join(f"{g:g}" for g in s.guidance_scales), s.sampler, s.steps, s.guidance_rescale)
         t0 = time.time()
         pngs = sample_all(cfg, model_dir, rows)
         sampling_seconds = time.time() - t0

@@ -53,7 +53,8 @@ def write_outputs(cfg: Any, rows: list[dict[str, Any]], pngs: dict[int, bytes], 
         images.append(image)
         records.append({**row, "scores": scores})
         lines.append(json.dumps({"prompt": row["prompt"], "seed": row["seed"], "guidance": row["guidance"],
-                                 "sampler": cfg.sampling.sampler, "steps": cfg.sampling.steps, "image": name,
+                                 "sampler": cfg.sampling.sampler, "steps": cfg.sampling.steps,
+                                 "guidance_rescale": cfg.sampling.guidance_rescale, "image": name,
                                  "scores": scores}))
     storage.write_text(storage.join(cfg.out, RESULTS_FILE), "\n".join(lines) + "\n")
     grids = write_grids(cfg, rows, images)
@@ -63,7 +64,7 @@ def write_outputs(cfg: Any, rows: list[dict[str, Any]], pngs: dict[int, bytes], 
     return {
         "model": cfg.model, "model_step": index.get("step"), "model_weights": index.get("weights"),
         "prompts_file": cfg.prompts, "images": len(rows), "prompts": len({r["prompt"] for r in rows}),
-        "sampler": cfg.sampling.sampler, "steps": cfg.sampling.steps,
+        "sampler": cfg.sampling.sampler, "steps": cfg.sampling.steps, "guidance_rescale": cfg.sampling.guidance_rescale,
         "guidance_scales": list(cfg.sampling.guidance_scales), "grids": grids,
         "synthetic_accuracy": {guidance_key(g): checker.synthetic_accuracy(
             [r["scores"] for r in records if r["guidance"] == float(g)]) for g in cfg.sampling.guidance_scales},

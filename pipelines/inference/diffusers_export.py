@@ -11,8 +11,10 @@
       text_encoder/         CLIPTextModel: our open_clip tower cut after the block we condition on
                             (model/convert_text.py), weights under transformers' "text_model." names
       tokenizer/            CLIPTokenizer: open_clip's own BPE vocabulary, padded with its pad id (0, "!")
-      scheduler/            the diffusers scheduler equal to the training run's preview sampler, on the
+      scheduler/            the diffusers scheduler equal to the export's recommended sampler, on the
                             training schedule (eps/v, betas, zero terminal SNR)
+      README.md             model card: how to sample, with the recommended steps, guidance_scale and
+                            guidance_rescale, which no diffusers config can hold (pipe(...) arguments)
 
 The pipeline then draws what pipelines/inference/draw.py draws for the same prompt, initial latents, steps
 and guidance (tests/test_diffusers_export.py states the tolerance). Two things a diffusers config cannot
@@ -36,6 +38,7 @@ from model.samplers import SamplerConfig
 from model.schedule import ScheduleConfig
 
 PIPELINE_INDEX = "model_index.json"  # diffusers' name; our own export's manifest is export.INDEX_FILE
+MODEL_CARD = "README.md"  # the Hugging Face Hub's model card file
 DIFFUSERS_EXPORT_DIR = "export-diffusers"  # next to a training run's export/
 TEXT_WEIGHTS = "model.safetensors"
 # Our sampler -> the diffusers scheduler that reproduces it (model/samplers.py, tests/test_samplers.py).
@@ -64,10 +67,27 @@ def scheduler_settings(schedule: ScheduleConfig, sampler: SamplerConfig) -> tupl
     return SCHEDULERS["euler"], common
 
 
-def export_sampler(index: dict[str, Any]) -> SamplerConfig:
-    """The sampler the training run drew its previews with (its train config), else the default one."""
-    recorded = ((index.get("train_config") or {}).get("samples") or {}).get("sampler")
-    return SamplerConfig(**recorded) if isinstance(recorded, dict) else SamplerConfig()
+def model_card(index: dict[str, Any], sampler: SamplerConfig) -> str:
+    """README.md of the pipeline folder: the sampling settings that diffusers takes per call, not from a config."""
+    scheduler = SCHEDULERS[sampler.name]
+    source = f"training run {index['run_name']!r}, " if index.get("run_name") else ""
+    call = (f'image = pipe("a prompt", num_inference_steps={sampler.steps!r}, '
+            f"guidance_scale={sampler.guidance_scale!r}, guidance_rescale={sampler.guidance_rescale!r}).images[0]")
+    lines = ["---", "library_name: diffusers", "pipeline_tag: text-to-image", "tags: [stable-diffusion, text-to-image]",
+             "---", "", "# Text-to-image latent diffusion model", "",
+             f"A StableDiffusionPipeline folder ({source}step {index.get('step')}, {index.get('weights')} weights), "
+             "written by `python -m pipelines.inference.diffusers_export` from this project's export.", "",
+             "## How to sample", "",
+             f"The recommended settings: {sampler.name} ({scheduler}, already in `scheduler/`), "
+             f"{sampler.steps} steps, guidance_scale {sampler.guidance_scale!r}, guidance_rescale "
+             f"{sampler.guidance_rescale!r}. A diffusers config cannot hold the last three: pass them to every call.",
+             "", "```python", "from diffusers import StableDiffusionPipeline", "",
+             'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")', call, "```"]
+    if sampler.guidance_scale < 1:
+        lines += ["", f"diffusers skips classifier-free guidance for guidance_scale <= 1, so at "
+                  f"{sampler.guidance_scale!r} its images differ from this project's sampler, which guides for any "
+                  "scale other than 1."]
+    return "\n".join(lines) + "\n"
 
 
 def write_diffusers(model_dir: str | Path, out_dir: str, drop_text_mask: bool = False) -> None:
@@ -85,16 +105,18 @@ def write_diffusers(model_dir: str | Path, out_dir: str, drop_text_mask: bool = 
         raise DiffusersExportError(f"{model_dir}: VAE shift_factor {exported.shift_factor} is not 0, and Stable "
                                    "Diffusion pipelines decode latents / scaling_factor without a shift")
     vae, text = exported.encoders.build()
+    sampler = exported.sampler  # the manifest's recommended sampling settings (old exports: their fallback)
     with tempfile.TemporaryDirectory(prefix="diffusers-export-") as tmp:
         local = Path(tmp) / "pipeline"
-        pipeline = _pipeline(exported, vae, text, unet_cfg)
+        pipeline = _pipeline(exported, vae, text, unet_cfg, sampler)
         pipeline.save_pretrained(local, safe_serialization=True)
         _portable_text_weights(local / "text_encoder", pipeline.text_encoder)
         _portable_tokenizer_files(local / "tokenizer")
+        (local / MODEL_CARD).write_text(model_card(exported.index, sampler), encoding="utf-8")
         publish(local, out_dir, last=PIPELINE_INDEX)
 
 
-def _pipeline(exported: Any, vae: Any, text: Any, unet_cfg: Any):
+def _pipeline(exported: Any, vae: Any, text: Any, unet_cfg: Any, sampler: SamplerConfig):
     import dataclasses
 
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -104,7 +126,7 @@ def _pipeline(exported: Any, vae: Any, text: Any, unet_cfg: Any):
     unet = UNet2DConditionModel.from_config(config_to_diffusers(dataclasses.replace(unet_cfg, sample_size=side)))
     unet.load_state_dict(to_diffusers_state(exported.unet.state_dict(), unet_cfg))
     vae.module.register_to_config(scaling_factor=exported.scaling_factor)  # the manifest's, whatever the copy says
-    name, settings = scheduler_settings(exported.schedule.config, export_sampler(exported.index))
+    name, settings = scheduler_settings(exported.schedule.config, sampler)
     scheduler = getattr(diffusers_schedulers, name).from_config(settings)
     text_encoder, tokenizer = _text_components(text)
     return StableDiffusionPipeline(vae=vae.module, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.eval(),

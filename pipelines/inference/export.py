@@ -2,7 +2,8 @@
 
     <model_dir>/
       latentforge_model.json     format version, weights kind (ema | live), step, latent shape,
-                                 VAE scaling/shift factors, schedule config, encoder sources, train config
+                                 VAE scaling/shift factors, schedule config, encoder sources, train config,
+                                 the recommended sampling settings (recommended_sampler)
       unet/config.json           UNet.save_pretrained
       unet/model.safetensors
       empty_caption.safetensors  the empty caption's features (the unconditional branch of CFG)
@@ -30,11 +31,13 @@ import torch
 
 from model.config import UNetConfig
 from model.encoders import diffusers_component
+from model.samplers import SamplerConfig
 from model.schedule import NoiseSchedule, ScheduleConfig
 from model.unet import CONFIG_FILE as UNET_CONFIG_FILE
 from model.unet import WEIGHTS_FILE as UNET_WEIGHTS_FILE
 from model.unet import UNet
 from pipelines.core import storage
+from pipelines.core.config import from_dict
 from pipelines.data.schema import Manifest
 from pipelines.inference.draw import EncoderSources
 
@@ -58,6 +61,7 @@ class ExportInfo:
     scaling_factor: float
     shift_factor: float
     train_config: dict[str, Any]
+    sampling: SamplerConfig  # what every consumer samples with unless told otherwise (recommended_sampler)
     run_name: str | None = None  # the training run, for evaluation runs to attach to
     mlflow_run_id: str | None = None
 
@@ -80,7 +84,8 @@ def write_export(out_dir: str, unet_cfg: UNetConfig, weights: dict[str, torch.Te
                  "schedule": dataclasses.asdict(info.schedule), "encoders": encoders.to_dict(),
                  "latent_shape": list(info.latent_shape), "image_size": info.image_size,
                  "scaling_factor": info.scaling_factor, "shift_factor": info.shift_factor,
-                 "train_config": info.train_config, "run_name": info.run_name,
+                 "train_config": info.train_config, "sampling": dataclasses.asdict(info.sampling),
+                 "run_name": info.run_name,
                  "mlflow_run_id": info.mlflow_run_id}
         # credentials inside URIs (the train config's, the encoder sources') stay out of the model
         (local / INDEX_FILE).write_text(json.dumps(storage.redact_values(index), indent=1))
@@ -110,6 +115,21 @@ def publish(local: Path, out_dir: str, last: str = INDEX_FILE) -> None:
         storage.write_bytes(storage.join(out_dir, path.relative_to(local).as_posix()), path.read_bytes())
 
 
+def recommended_sampler(index: dict[str, Any]) -> SamplerConfig:
+    """The sampling settings a model is meant to be drawn with: its manifest's `sampling` (the training config's
+    samples.sampler, which also drew the training previews); for exports written before the manifest carried
+    them, the same setting read from the recorded train config; else SamplerConfig's defaults. sample_eval, the
+    MLflow model and the diffusers export all start from these, and a user's explicit setting overrides them."""
+    recorded = index.get("sampling")
+    if recorded is None:
+        recorded = ((index.get("train_config") or {}).get("samples") or {}).get("sampler")
+    if recorded is None:
+        return SamplerConfig()
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{INDEX_FILE}: sampling must be a mapping of sampler settings, got {recorded!r}")
+    return from_dict(SamplerConfig, recorded, prefix="sampling.")
+
+
 @dataclass
 class ExportedModel:
     """A loaded model directory: the U-Net, the schedule, the empty caption, and how to build the encoders."""
@@ -132,6 +152,10 @@ class ExportedModel:
     @property
     def shift_factor(self) -> float:
         return float(self.index["shift_factor"])
+
+    @property
+    def sampler(self) -> SamplerConfig:
+        return recommended_sampler(self.index)
 
 
 def load_index(model_dir: str | Path) -> dict[str, Any]:

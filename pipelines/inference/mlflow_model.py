@@ -3,9 +3,10 @@
     model = mlflow.pyfunc.load_model("models:/<name>/<version>")
     images = model.predict(pd.DataFrame({"prompt": ["a red circle"], "seed": [0]}))   # column "png": PNG bytes
 
-Sampling settings come from `params` (SamplerConfig's fields: name, steps, guidance_scale, ...), defaults from
-SamplerConfig. The model's signature says so (model_signature): input columns prompt (string) and seed (long,
-optional), output columns prompt, seed and png (PNG bytes), and the sampler settings as params.
+Sampling settings come from `params` (SamplerConfig's fields: name, steps, guidance_scale, guidance_rescale, ...),
+each one not given taken from the model's recommended sampling (pipelines/inference/export.recommended_sampler).
+The model's signature says so (model_signature): input columns prompt (string) and seed (long, optional), output
+columns prompt, seed and png (PNG bytes), and the sampler settings as params with the model's values as defaults.
 
 The registered version's description says what it is and, once jobs/sample_eval.py has evaluated it, what the
 evaluation measured (describe_evaluation rewrites that part after each evaluation); its tags name the training
@@ -23,8 +24,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import mlflow.pyfunc
+import pandas as pd
 
 from model.samplers import SamplerConfig
+from pipelines.core import quiet
 from pipelines.core.runtime import REPO_ROOT
 
 PYFUNC_ARTIFACT = "model_dir"
@@ -42,14 +45,15 @@ class TextToImageModel(mlflow.pyfunc.PythonModel):
         self.model = load_exported(context.artifacts[PYFUNC_ARTIFACT])
         self.vae, self.text = self.model.encoders.build()
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
-        import pandas as pd
-
+    # model_input: pd.DataFrame, which MLflow infers no schema from (the logged signature is the schema); a hint it
+    # tries to infer one from and cannot (Any) makes it warn at class definition and again at logging
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from pipelines.inference.draw import decode_images, draw_latents, encode_prompts, png_bytes
 
         prompts = [str(p) for p in model_input["prompt"]]
         seeds = [int(s) for s in model_input["seed"]] if "seed" in model_input else list(range(len(prompts)))
-        sampler = SamplerConfig(**{k: _plain(v) for k, v in (params or {}).items()})
+        given = {k: _plain(v) for k, v in (params or {}).items()}
+        sampler = dataclasses.replace(self.model.sampler, **given)
         states, masks = encode_prompts(self.text, prompts)
         m = self.model
         latents = draw_latents(m.unet, m.schedule, states, masks, m.empty_caption, seeds, m.latent_shape, sampler)
@@ -62,13 +66,12 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def model_signature() -> Any:
+def model_signature(defaults: SamplerConfig) -> Any:
     """Inputs prompt (string) and seed (long, optional: row numbers by default); outputs prompt, seed, png;
-    params: SamplerConfig's fields with its defaults."""
+    params: SamplerConfig's fields, with `defaults` (the model's recommended sampling) as their defaults."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    defaults = SamplerConfig()
     params = [ParamSpec(f.name, _PARAM_TYPES[type(getattr(defaults, f.name))], getattr(defaults, f.name))
               for f in dataclasses.fields(SamplerConfig)]
     return ModelSignature(inputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed", required=False)]),
@@ -83,12 +86,15 @@ def log_pyfunc_model(tracker: Any, model_dir: str, registered_name: str, descrip
     `description` and `tags` on the new version; returns the version."""
     import mlflow
 
+    from pipelines.inference.export import load_index, recommended_sampler
+
+    signature = model_signature(recommended_sampler(load_index(model_dir)))
     mlflow.set_tracking_uri(tracker.settings.tracking_uri)
-    with mlflow.start_run(run_id=tracker.run_id):
+    with mlflow.start_run(run_id=tracker.run_id), quiet.warnings_ignored(quiet.MLFLOW_LOG_MODEL_WARNINGS):
         info = mlflow.pyfunc.log_model(
             name="pyfunc_model", python_model=str(_MODEL_CODE), artifacts={PYFUNC_ARTIFACT: model_dir},
             code_paths=[str(REPO_ROOT / p) for p in _PACKAGES], registered_model_name=registered_name,
-            signature=model_signature(),
+            signature=signature,
             # Listed, not inferred: inference imports the model and may try the network.
             pip_requirements=["torch", "safetensors", "diffusers", "open_clip_torch", "pillow", "pandas"])
     version = str(info.registered_model_version)

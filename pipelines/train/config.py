@@ -159,7 +159,8 @@ class CheckpointSettings:
 class SamplePreviewSettings:
     """A grid of samples from the EMA weights, logged to MLflow at step 0 (the untrained baseline), every
     `every_steps` and at the end (0: only at the end). A row per prompt, a column per seed, prompts written under
-    the tiles."""
+    the tiles. `sampler` is also the model's recommended sampling: the export carries it, and jobs/sample_eval.py,
+    the MLflow model and the diffusers export's model card default to it."""
 
     every_steps: int = 500
     prompts: tuple[str, ...] = ("a large red circle in the top left", "a small blue square in the center")

@@ -302,7 +302,7 @@ class Worker:
                           schedule=cfg.objective.schedule_config(), encoders=EncoderSources.from_manifest(manifest),
                           latent_shape=tuple(manifest.latent_shape), image_size=manifest.image_size,
                           scaling_factor=manifest.scaling_factor, shift_factor=manifest.shift_factor,
-                          train_config=self.launch_config(), run_name=cfg.run_name,
+                          train_config=self.launch_config(), sampling=cfg.samples.sampler, run_name=cfg.run_name,
                           mlflow_run_id=self.launch.mlflow_run_id)
         write_export(f"{self.launch.run_dir}/{EXPORT_DIR}", cfg.model.unet_config(),
                      {k: v.float() for k, v in weights.items()}, info, self.launch.features_dir, manifest)

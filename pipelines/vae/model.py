@@ -9,13 +9,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipelines.core import storage
+from pipelines.core.runtime import VAE_REPORT_FILE as REPORT_FILE  # the name pipelines/vae uses
 from pipelines.vae.config import TrainSettings
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
     from diffusers import AutoencoderKL
-
-REPORT_FILE = "train_vae_report.json"  # written into the exported folder, and over it as the stage report
 
 
 def load_trainable_vae(source: str, seed: int) -> "AutoencoderKL":

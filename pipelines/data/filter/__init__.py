@@ -11,13 +11,15 @@ holds the settings, rows.py the per-row checks, driver.py the stage):
 1. scan (scan.py, Ray Data, one task per input shard): per-row checks (caption, decode, size, aspect) and
    dedup signatures (sha256 of the decoded pixels, a 64-bit dHash, an 8x8 colour thumbnail).
    Optional CLIP scoring runs in an actor pool on the rows still alive. Only small per-row records
-   come back to the driver, never pixels.
+   come back to the driver, never pixels; it logs a progress line (pipelines/core/progress.py) as each
+   shard's last record arrives.
 2. decide (dedup.py, on the driver): one pass in a fixed order (key, shard, position) drops
    duplicate keys, exact and near duplicates, keeping the first of each group; the result does not
    depend on how Ray scheduled the scan. Records are ~300 bytes a row, so ~10M rows need ~3 GB on the driver;
    beyond that, exact dedup would move to a Ray Data groupby on sha256.
 3. write (write.py, Ray Data, one task per input shard): kept samples go to
-   `<output>/.staging-<id>/NAME.tar` (committed atomically: pipelines/core/storage.py). The driver then commits: it removes the old report,
+   `<output>/.staging-<id>/NAME.tar` (committed atomically: pipelines/core/storage.py), a progress line per
+   shard written. The driver then commits: it removes the old report,
    moves staged shards into place, deletes other `.tar` files there, and the caller writes the new
    report last. All writes go to the output folder through pyarrow filesystems, so on a cluster it
    must be shared storage (a path mounted on every node, or an s3://-style URI).

@@ -5,18 +5,23 @@ alive. Only records come back to the driver, never pixels."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import tarfile
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageOps
 
 from pipelines.core import storage
 from pipelines.core.config import from_dict, to_dict
 from pipelines.core.images import decode_rgb
+from pipelines.core.progress import Progress
 from pipelines.data.filter.config import FilterConfig
 from pipelines.data.filter.rows import analyze, iter_samples
+
+log = logging.getLogger("latentforge.filter")
 
 _RECORD_FIELDS = [
     ("shard", pa.string()), ("idx", pa.int32()), ("key", pa.string()), ("reason", pa.string()),
@@ -111,6 +116,22 @@ class ClipScorer:
                                 pa.array(reasons, pa.string()))
 
 
+def _collect_with_progress(blocks: Iterable[pa.Table], shards: int) -> list[pa.Table]:
+    """The scan's record blocks as they stream in, with a progress line per input shard scanned (its last
+    record, the SHARD_SHA256_IDX one, has arrived)."""
+    progress, tables, done, rows = Progress(shards, "shards"), [], 0, 0
+    for table in blocks:
+        if not table.num_rows:
+            continue
+        tables.append(table)
+        idx = table.column("idx")
+        rows += pc.sum(pc.greater_equal(idx, 0)).as_py() or 0
+        for name in table.filter(pc.equal(idx, SHARD_SHA256_IDX)).column("shard").to_pylist():
+            done += 1
+            log.info("%s | scanned %s; %d rows so far", progress.line(done), name, rows)
+    return tables
+
+
 def run_scan(cfg: FilterConfig, names: list[str]) -> pa.Table:
     import ray
 
@@ -123,7 +144,7 @@ def run_scan(cfg: FilterConfig, names: list[str]) -> pa.Table:
                             batch_size=pool.batch_size, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=pool.actors),
                             num_cpus=pool.num_cpus_per_actor, num_gpus=pool.num_gpus_per_actor)
-    tables = [t for t in ray.get(list(ds.to_arrow_refs())) if t.num_rows]
+    tables = _collect_with_progress(ds.iter_batches(batch_size=None, batch_format="pyarrow"), len(names))
     columns = [name for name, _ in _RECORD_FIELDS]  # without the CLIP-only columns
     if not tables:
         return pa.schema(_RECORD_FIELDS).empty_table()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import tarfile
 import uuid
 from typing import IO, Any
@@ -14,9 +15,12 @@ import pyarrow.fs as pafs
 
 from pipelines.core import storage
 from pipelines.core.config import from_dict, to_dict
+from pipelines.core.progress import Progress
 from pipelines.data.filter.config import FilterConfig, report_path
 from pipelines.data.filter.rows import iter_samples
 from pipelines.data.shards import KEY_FIELD, MTIME_FIELD
+
+log = logging.getLogger("latentforge.filter")
 
 STAGING_PREFIX = ".staging-"  # <output>/.staging-<id>/: one run's shards until the commit
 
@@ -76,7 +80,11 @@ def run_write(cfg: FilterConfig, plan: dict[str, list[int]], staging: str) -> di
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(write_shards, fn_kwargs={"cfg": to_dict(cfg), "staging": staging},
                         batch_size=1, batch_format="numpy", num_cpus=cfg.compute.num_cpus)
-    return {row["name"]: {"rows": int(row["rows"]), "sha256": str(row["sha256"])} for row in ds.take_all()}
+    progress, written = Progress(len(items), "shards"), {}
+    for row in ds.iter_rows():  # as each shard is written
+        written[row["name"]] = {"rows": int(row["rows"]), "sha256": str(row["sha256"])}
+        log.info("%s | wrote %s: %d rows kept", progress.line(len(written)), row["name"], row["rows"])
+    return written
 
 
 def _remove_staging_dirs(output_dir: str) -> None:

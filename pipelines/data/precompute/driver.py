@@ -11,7 +11,7 @@ from typing import Any
 from pipelines.core import storage
 from pipelines.core.config import to_dict
 from pipelines.core.job import Stage
-from pipelines.core.runtime import StageReport
+from pipelines.core.runtime import VAE_REPORT_FILE, StageReport
 from pipelines.data.buckets import bucket_name
 from pipelines.data.filter.config import REPORT_FILE as FILTER_REPORT
 from pipelines.data.precompute.config import PrecomputeConfig, report_path
@@ -143,6 +143,15 @@ def _validated(cfg: PrecomputeConfig) -> PrecomputeConfig:
     return cfg
 
 
+def upstream_reports(cfg: PrecomputeConfig) -> tuple[str, ...]:
+    """The reports of the runs that made this stage's inputs: the filter's, and the VAE training's when vae.source
+    is a folder (a VAE trained by jobs/train_vae.py carries its report inside; any other folder has none and so
+    links nothing)."""
+    reports = (storage.join(cfg.input_dir, FILTER_REPORT),)
+    if cfg.vae.source == "tiny":
+        return reports
+    return (*reports, storage.join(cfg.vae.source, VAE_REPORT_FILE))
+
+
 STAGE = Stage("precompute", PrecomputeConfig, run=run_precompute, report_path=report_path, check=_validated,
-              ray_cpus=lambda cfg: cfg.ray_num_cpus,
-              upstream_reports=lambda cfg: (storage.join(cfg.input_dir, FILTER_REPORT),))
+              ray_cpus=lambda cfg: cfg.ray_num_cpus, upstream_reports=upstream_reports)
