@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nAll attributes right, share of images; {len(configs)} demo runs at {report['commit']}, "
           f"{sampling['images']} images on {args.prompts_per_split} new seen prompts and as many on new held-out "
           f"ones, sample_eval's defaults ({sampling['sampler']}, {sampling['steps']} steps, guidance "
-          f"{sampling['guidance_scales']}); demo columns: the demo's own eval (its prompts, its sampling flags).\n")
+          f"{sampling['guidance_scales']}); demo columns: the demo's own eval (its own prompts, the same model "
+          "defaults).\n")
     print(table)
     print(f"\nreport: {out_path}")
     return 0
