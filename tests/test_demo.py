@@ -39,7 +39,7 @@ def test_demo_runs_every_stage_and_writes_the_summary(tmp_path, monkeypatch):
     started = time.time()
     cfg = DemoConfig(out_dir=str(tmp_path / "demo"), num_good=300, planted=1, vae_steps=10, unet_steps=10,
                      seen_prompts=4, images_per_prompt=1,
-                     extra={"train_unet": ["--set", "samples.sampler.steps=4"]})
+                     extra={"train_unet": ["samples.sampler.steps=4"]})
     summary = run_demo(cfg)
     from diffusers import StableDiffusionPipeline
 
